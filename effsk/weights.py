@@ -32,3 +32,41 @@ def imagenet_weights_status(phi: Scaling | str | float) -> str:
     if weights is None:
         return "-"
     return "cached" if os.path.isfile(imagenet_cache_path(weights)) else "download"
+
+
+def build_model(
+    phi,
+    weights=None,
+    *,
+    num_classes: int = 1000,
+    scaling: str = "official",
+    alpha: float | None = None,
+    beta: float | None = None,
+    gamma: float | None = None,
+    drop_rate: float | None = None,
+    drop_path_rate: float = 0.2,
+):
+    """Build ``efficientnet(phi, ...)`` and fill it from ``weights``.
+
+    Returns ``(model, preprocessing)``: the preprocessing that belongs to those weights.
+    ``weights=None`` gives a random init with the variant's default preprocessing.
+
+    This is the one seam through which every estimator gets a model.
+    """
+    from .nn import efficientnet
+    from .preprocessing import default_preprocessing
+
+    model = efficientnet(
+        phi,
+        num_classes=num_classes,
+        scaling=scaling,
+        alpha=alpha,
+        beta=beta,
+        gamma=gamma,
+        drop_rate=drop_rate,
+        drop_path_rate=drop_path_rate,
+    )
+    preprocessing = default_preprocessing(model.scaling)
+    if weights is None:
+        return model, preprocessing
+    raise NotImplementedError("weights loading: see issue 4")
