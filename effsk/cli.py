@@ -37,10 +37,60 @@ def _run_info(args) -> int:
     return 0
 
 
+def _add_featurize(sub) -> None:
+    p = sub.add_parser("featurize", help="images (directory, glob, CSV/parquet column) -> parquet of features keyed by path")
+    p.add_argument("source", help="a directory, a glob pattern (quote it), or a .csv/.parquet table")
+    p.add_argument("output", help="the parquet file to write")
+    p.add_argument("--phi", default="lite0", help="variant name or phi (default: lite0, whose weights ship with effsk)")
+    p.add_argument("--weights", default="imagenet", help="'imagenet', 'none', or a checkpoint path")
+    p.add_argument("--scaling", choices=["official", "compound"], default="official")
+    p.add_argument("--pooling", default="avg", choices=["avg", "max", "avgmax", "gem"])
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--path-column", default="path", help="path column of a CSV/parquet source")
+    p.add_argument("--chunk-size", type=int, default=512, help="paths per resumable part")
+    p.add_argument("--no-resume", action="store_true", help="recompute parts left by an interrupted run")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_featurize)
+
+
+def _run_featurize(args) -> int:
+    from .estimators import EfficientNetFeaturizer
+    from .featurize import featurize_to_parquet
+
+    featurizer = EfficientNetFeaturizer(
+        _parse_phi(args.phi),
+        weights=None if args.weights.lower() == "none" else args.weights,
+        scaling=args.scaling,
+        pooling=args.pooling,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        precision=args.precision,
+        verbose=0,
+    )
+    out = featurize_to_parquet(
+        args.source,
+        args.output,
+        featurizer=featurizer,
+        path_column=args.path_column,
+        chunk_size=args.chunk_size,
+        resume=not args.no_resume,
+        verbose=0 if args.quiet else 1,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effsk", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_info(sub)
+    _add_featurize(sub)
     return parser
 
 

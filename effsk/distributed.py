@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "setup", "teardown", "all_reduce_sum", "barrier"]
+__all__ = ["DistEnv", "from_environ", "setup", "teardown", "all_reduce_sum", "barrier"]
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,19 @@ class DistEnv:
         return self.rank == 0
 
 
-def setup(device_type: str = "cpu") -> DistEnv:
-    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU); single process otherwise."""
+def from_environ() -> DistEnv:
+    """Rank and world size as torchrun sets them (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistEnv()
-    env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    return DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup(device_type: str = "cpu") -> DistEnv:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU); single process otherwise."""
+    env = from_environ()
+    if not env.is_distributed:
+        return env
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
