@@ -1,10 +1,16 @@
-"""Compound scaling: the published EfficientNet table and one resolver for any phi.
+"""Compound scaling: the published EfficientNet table and one resolver for any phi and any arch.
 
-Every model in effsk gets its width, depth and resolution from :func:`resolve`. The published
-B0..B7 / Lite0..Lite4 coefficients are rounded choices (Tan & Le 2019, TF reference builder), not
-exact powers of (alpha, beta, gamma), so ``scaling="official"`` keeps them verbatim for integer phi,
-interpolates geometrically between published neighbours for fractional phi and extends from B7 with
-the compound rule beyond 7. ``scaling="compound"`` applies the paper's Eq. 3 exactly for every phi.
+Every model in effsk gets its width, depth and resolution from :func:`resolve`, and every use of the
+paper's rule (Eq. 3) goes through :func:`compound`. The published B0..B7 / Lite0..Lite4 coefficients
+are rounded choices (Tan & Le 2019, TF reference builder), not exact powers of (alpha, beta, gamma),
+so ``scaling="official"`` keeps them verbatim for integer phi, interpolates geometrically between
+published neighbours for fractional phi and extends from B7 with the compound rule beyond 7.
+``scaling="compound"`` applies the rule exactly for every phi.
+
+The compound-scaled baselines of paper Table 3 (``arch="resnet50"``, ``"mobilenet_v2"``,
+``"mobilenet_v1"``) have no published scaled variants: for them phi always follows the compound rule
+from the arch's own bases and base resolution (:data:`ARCH_DEFAULTS`), and phi = 0 is the standard
+architecture.
 """
 
 from __future__ import annotations
@@ -12,11 +18,16 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 __all__ = [
     "ALPHA",
     "BETA",
     "GAMMA",
+    "ARCH_DEFAULTS",
+    "ArchDefaults",
+    "Compound",
+    "compound",
     "PUBLISHED",
     "Scaling",
     "StageSpec",
@@ -31,6 +42,57 @@ __all__ = [
 ALPHA, BETA, GAMMA = 1.2, 1.1, 1.15
 BASE_RESOLUTION = 224
 SCALING_MODES = ("official", "compound")
+
+
+class Compound(NamedTuple):
+    """Multipliers of the compound rule: layers, channels and input resolution."""
+
+    depth: float
+    width: float
+    resolution: float
+
+
+def compound(phi: float, alpha: float = ALPHA, beta: float = BETA, gamma: float = GAMMA) -> Compound:
+    """The paper's Eq. 3: depth ``alpha**phi``, width ``beta**phi``, resolution ``gamma**phi``.
+
+    The one place the rule is written; :func:`resolve` applies it to every arch (bases are validated
+    there). FLOPs grow about ``(alpha * beta**2 * gamma**2) ** phi``.
+
+    >>> [round(m, 4) for m in compound(1)]
+    [1.2, 1.1, 1.15]
+    >>> round(compound(2, 1.4**0.5, 1.2**0.5, 1.3**0.5).resolution, 6)
+    1.3
+    """
+    return Compound(alpha**phi, beta**phi, gamma**phi)
+
+
+@dataclass(frozen=True)
+class ArchDefaults:
+    """Per-arch compound bases, base (phi = 0) resolution and classifier dropout."""
+
+    alpha: float
+    beta: float
+    gamma: float
+    resolution: int
+    dropout: float
+
+
+#: Compound bases per arch. EfficientNet: the paper's grid-search result. MobileNetV1: the square
+#: roots of paper Table 3's compound point (d=1.4, w=1.2, r=1.3, ~4x the baseline's FLOPs), so phi=2
+#: is exactly that model and FLOPs grow ~1.85^phi. ResNet-50 and MobileNetV2: the paper gives no
+#: coefficients (Table 3 only reports ~4x-FLOPs compound models), so they take EfficientNet's
+#: (FLOPs ~1.92^phi); phi=2 then gives ResNet-50 16.3B (Table 3: 16.7B) and MobileNetV2 1.49B (1.3B;
+#: ceil rounding of its 1-block stages overshoots).
+#: Dropout: torchvision's heads (ResNet none, MobileNetV2 0.2); MobileNetV1 TF-slim's keep 0.999.
+#: EfficientNet's dropout comes from the published table instead (see :func:`resolve`).
+ARCH_DEFAULTS: dict[str, ArchDefaults] = {
+    "efficientnet": ArchDefaults(ALPHA, BETA, GAMMA, BASE_RESOLUTION, 0.2),
+    "resnet50": ArchDefaults(ALPHA, BETA, GAMMA, BASE_RESOLUTION, 0.0),
+    "mobilenet_v2": ArchDefaults(ALPHA, BETA, GAMMA, BASE_RESOLUTION, 0.2),
+    "mobilenet_v1": ArchDefaults(1.4**0.5, 1.2**0.5, 1.3**0.5, BASE_RESOLUTION, 0.001),
+}
+# torchvision's (PyTorch default) BatchNorm settings, used by the torchvision-equal baselines.
+_TORCH_BN_EPS, _TORCH_BN_MOMENTUM = 1e-5, 0.1
 
 
 @dataclass(frozen=True)
@@ -91,7 +153,7 @@ _TF_EPS, _TF_MOMENTUM = 1e-3, 0.01
 
 @dataclass(frozen=True)
 class Scaling:
-    """A resolved EfficientNet configuration: everything the builder needs.
+    """A resolved configuration: everything a builder needs (EfficientNet or a scaled baseline).
 
     Attributes
     ----------
@@ -110,7 +172,9 @@ class Scaling:
     lite : bool
         EfficientNet-Lite: no squeeze-excite, ReLU6, fixed stem/head, first/last repeats unscaled.
     bn_eps, bn_momentum : float
-        BatchNorm settings (torchvision's for published b0..b7, TF's otherwise).
+        BatchNorm settings (torchvision's for published b0..b7 and the baselines, TF's otherwise).
+    arch : str
+        Which network this configures: ``"efficientnet"`` or a key of :data:`ARCH_DEFAULTS`.
     """
 
     name: str | None
@@ -123,19 +187,28 @@ class Scaling:
     lite: bool = False
     bn_eps: float = _TF_EPS
     bn_momentum: float = _TF_MOMENTUM
+    arch: str = "efficientnet"
 
     @property
     def label(self) -> str:
-        """Short human name: the published name, else ``phi=<phi>``."""
-        return self.name if self.name is not None else f"phi={self.phi:g}"
+        """Short human name: the published name, else ``phi=<phi>`` (prefixed by a baseline's arch)."""
+        if self.name is not None:
+            return self.name
+        return f"phi={self.phi:g}" if self.arch == "efficientnet" else f"{self.arch} phi={self.phi:g}"
+
+    def _require_efficientnet(self, what: str) -> None:
+        if self.arch != "efficientnet":
+            raise ValueError(f"Scaling.{what} describes EfficientNet; this config is for arch={self.arch!r}.")
 
     @property
     def stem_channels(self) -> int:
+        self._require_efficientnet("stem_channels")
         return BASE_STEM if self.lite else round_channels(BASE_STEM, self.width)
 
     @property
     def stages(self) -> tuple[StageSpec, ...]:
         """The seven MBConv stages with channels and repeats scaled."""
+        self._require_efficientnet("stages")
         last = len(BASE_STAGES) - 1
         out = []
         for i, s in enumerate(BASE_STAGES):
@@ -153,6 +226,7 @@ class Scaling:
     @property
     def head_channels(self) -> int:
         # torchvision and the TF builder: 4 x the last stage's output (= round(1280 * width) for B0..B7).
+        self._require_efficientnet("head_channels")
         return 1280 if self.lite else 4 * self.stages[-1].out_channels
 
     def as_dict(self) -> dict:
@@ -168,6 +242,7 @@ class Scaling:
             "lite": self.lite,
             "bn_eps": self.bn_eps,
             "bn_momentum": self.bn_momentum,
+            "arch": self.arch,
         }
 
     @classmethod
@@ -234,24 +309,31 @@ def _geometric(a: float, b: float, t: float) -> float:
 def resolve(
     phi,
     scaling: str = "official",
-    alpha: float = ALPHA,
-    beta: float = BETA,
-    gamma: float = GAMMA,
+    alpha: float | None = None,
+    beta: float | None = None,
+    gamma: float | None = None,
+    *,
+    arch: str | None = None,
 ) -> Scaling:
     """Resolve a compound coefficient to a :class:`Scaling`.
 
     Parameters
     ----------
     phi : str, float or Scaling
-        A published name (``"b0"``..``"b7"``, ``"lite0"``..``"lite4"``, case-insensitive) or a number
-        >= 0. A :class:`Scaling` passes through unchanged.
+        A published name (``"b0"``..``"b7"``, ``"lite0"``..``"lite4"``, case-insensitive; EfficientNet
+        only) or a number >= 0. A :class:`Scaling` passes through unchanged.
     scaling : {"official", "compound"}
         ``"official"``: integer k is exactly the published Bk; fractional phi interpolates width, depth
         and resolution geometrically (dropout linearly) between the published neighbours; phi > 7
         extends from B7 by the compound rule. ``"compound"``: d = alpha^phi, w = beta^phi,
         r = 224 * gamma^phi for every phi (published names still give the published variant).
-    alpha, beta, gamma : float
-        Depth, width and resolution bases of the compound rule (paper: 1.2, 1.1, 1.15).
+        Baselines have no published table: both modes follow the compound rule.
+    alpha, beta, gamma : float, optional
+        Depth, width and resolution bases of the compound rule; default: the arch's
+        (:data:`ARCH_DEFAULTS`; EfficientNet: the paper's 1.2, 1.1, 1.15).
+    arch : str, optional
+        ``"efficientnet"`` (default) or a compound-scaled baseline: ``"resnet50"``,
+        ``"mobilenet_v2"``, ``"mobilenet_v1"``. With a :class:`Scaling`, must match its arch.
 
     Returns
     -------
@@ -266,14 +348,28 @@ def resolve(
     (1.0, 1.0488, 232)
     >>> resolve(1, scaling="compound").resolution
     258
+    >>> s = resolve(2, arch="mobilenet_v1")
+    >>> round(s.depth, 4), round(s.width, 4), s.resolution
+    (1.4, 1.2, 291)
     """
     if isinstance(phi, Scaling):
+        if arch is not None and arch != phi.arch:
+            raise ValueError(f"arch={arch!r} does not match the given Scaling, which is for arch={phi.arch!r}.")
         return phi
+    arch = "efficientnet" if arch is None else arch
+    if arch not in ARCH_DEFAULTS:
+        raise ValueError(f"arch={arch!r} is not valid; use one of {tuple(ARCH_DEFAULTS)}.")
     if scaling not in SCALING_MODES:
         raise ValueError(f"scaling={scaling!r} is not valid; use one of {SCALING_MODES}.")
+    defaults = ARCH_DEFAULTS[arch]
+    alpha = defaults.alpha if alpha is None else alpha
+    beta = defaults.beta if beta is None else beta
+    gamma = defaults.gamma if gamma is None else gamma
     for name, base in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         if isinstance(base, bool) or not isinstance(base, numbers.Real) or not base >= 1:
             raise ValueError(f"{name}={base!r} is not valid; the compound bases must be numbers >= 1.")
+    if arch != "efficientnet":
+        return _resolve_baseline(arch, phi, alpha, beta, gamma)
     if isinstance(phi, str):
         key = phi.strip().lower()
         if key not in PUBLISHED:
@@ -282,13 +378,14 @@ def resolve(
 
     value = _check_phi_number(phi)
     if scaling == "compound":
+        m = compound(value, alpha, beta, gamma)
         return Scaling(
             name=None,
             phi=value,
             mode="compound",
-            width=beta**value,
-            depth=alpha**value,
-            resolution=int(round(BASE_RESOLUTION * gamma**value)),
+            width=m.width,
+            depth=m.depth,
+            resolution=int(round(BASE_RESOLUTION * m.resolution)),
             dropout=_official_dropout(value),
         )
     if value.is_integer() and value <= 7:
@@ -306,16 +403,41 @@ def resolve(
             resolution=int(round(_geometric(a.resolution, b.resolution, t))),
             dropout=_official_dropout(value),
         )
-    extra = value - 7
     b7 = PUBLISHED["b7"]
+    m = compound(value - 7, alpha, beta, gamma)
     return Scaling(
         name=None,
         phi=value,
         mode="official",
-        width=b7.width * beta**extra,
-        depth=b7.depth * alpha**extra,
-        resolution=int(round(b7.resolution * gamma**extra)),
+        width=b7.width * m.width,
+        depth=b7.depth * m.depth,
+        resolution=int(round(b7.resolution * m.resolution)),
         dropout=b7.dropout,
+    )
+
+
+def _resolve_baseline(arch: str, phi, alpha: float, beta: float, gamma: float) -> Scaling:
+    if isinstance(phi, str):
+        raise ValueError(
+            f"phi={phi!r} is not valid for arch={arch!r}: published names are EfficientNet variants; "
+            "use a number >= 0 (0 is the standard architecture)."
+        )
+    if isinstance(phi, bool) or not isinstance(phi, numbers.Real) or not (math.isfinite(phi) and phi >= 0):
+        raise ValueError(f"phi={phi!r} is not valid for arch={arch!r}; phi must be a number >= 0.")
+    value = float(phi)
+    m = compound(value, alpha, beta, gamma)
+    defaults = ARCH_DEFAULTS[arch]
+    return Scaling(
+        name=None,
+        phi=value,
+        mode="compound",
+        width=m.width,
+        depth=m.depth,
+        resolution=int(round(defaults.resolution * m.resolution)),
+        dropout=defaults.dropout,
+        bn_eps=_TORCH_BN_EPS,
+        bn_momentum=_TORCH_BN_MOMENTUM,
+        arch=arch,
     )
 
 

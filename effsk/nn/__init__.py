@@ -1,7 +1,26 @@
-"""The networks: EfficientNet family blocks and builders."""
+"""The networks: EfficientNet family blocks and builders, compound-scaled baselines, one ``build``."""
 
 from .blocks import Conv2dSame, ConvBNAct, MBConv
 from .cost import count_macs, count_params
 from .efficientnet import EfficientNet, efficientnet
+from .mobilenet import MobileNetV1, MobileNetV2, mobilenet_v1, mobilenet_v2
+from .registry import ARCHITECTURES, build
+from .resnet import ResNet, resnet50
 
-__all__ = ["Conv2dSame", "ConvBNAct", "MBConv", "EfficientNet", "efficientnet", "count_params", "count_macs"]
+__all__ = [
+    "Conv2dSame",
+    "ConvBNAct",
+    "MBConv",
+    "EfficientNet",
+    "efficientnet",
+    "ResNet",
+    "resnet50",
+    "MobileNetV2",
+    "mobilenet_v2",
+    "MobileNetV1",
+    "mobilenet_v1",
+    "ARCHITECTURES",
+    "build",
+    "count_params",
+    "count_macs",
+]

@@ -1,4 +1,4 @@
-"""Cost model: parameter and multiply-add counts for any phi at any resolution.
+"""Cost model: parameter and multiply-add counts for any arch and phi at any resolution.
 
 Models are built on the ``meta`` device, so even B7 at 600px costs no memory or compute; torch's
 own FlopCounterMode does the counting (it reports 2 FLOPs per multiply-add).
@@ -16,17 +16,21 @@ __all__ = ["count_params", "count_macs"]
 def _meta_model(model_or_phi, **kwargs) -> nn.Module:
     if isinstance(model_or_phi, nn.Module):
         return model_or_phi
-    from .efficientnet import efficientnet
+    from .registry import build
 
+    arch = kwargs.pop("arch", None) or getattr(model_or_phi, "arch", "efficientnet")
     with torch.device("meta"):
-        return efficientnet(model_or_phi, **kwargs)
+        return build(arch, model_or_phi, **kwargs)
 
 
 def count_params(model_or_phi, **kwargs) -> int:
-    """Number of parameters of a model, or of ``efficientnet(phi, **kwargs)``.
+    """Number of parameters of a model, or of ``build(arch, phi, **kwargs)`` (``arch`` defaults to
+    ``"efficientnet"``, or a given Scaling's arch).
 
     >>> count_params("b0")
     5288548
+    >>> count_params(0, arch="resnet50")
+    25557032
     """
     return sum(p.numel() for p in _meta_model(model_or_phi, **kwargs).parameters())
 
