@@ -180,7 +180,8 @@ def _state_dict(obj, path: str) -> dict:
     if isinstance(obj, Mapping):
         nested = [k for k, v in obj.items() if isinstance(v, Mapping)]
         if nested:
-            hint = f"; if the weights sit under {nested[0]!r}, save that entry alone: torch.save(obj[{nested[0]!r}], path)"
+            key = nested[0]
+            hint = f"; if the weights sit under {key!r}, save that entry alone: torch.save(obj[{key!r}], path)"
     raise CheckpointError(
         f"{path!r} is not a weights file effsk can use: expected an effsk checkpoint or a state_dict "
         f"(a dict of parameter names to tensors), found {describe_loaded(obj)}{hint}"
@@ -204,7 +205,8 @@ def _backbone_summary(state_dict) -> str:
     head = state_dict[f"features.{heads[-1]}.0.weight"]
     blocks = {k.split(".block.")[0] for k in state_dict if ".block." in k}
     se = any(".fc1." in k for k in state_dict)
-    parts = f"stem {stem.shape[0]}, {len(blocks)} blocks, head {head.shape[0]} features, {'with' if se else 'no'} squeeze-excite"
+    parts = (f"stem {stem.shape[0]}, {len(blocks)} blocks, head {head.shape[0]} features, "
+             f"{'with' if se else 'no'} squeeze-excite")
     return f"an EfficientNet '{guess}' backbone ({parts})" if guess else f"an EfficientNet backbone ({parts})"
 
 
@@ -219,11 +221,15 @@ def _guess_variant(state_dict) -> str | None:
     """The published variant whose backbone shapes equal the state_dict's, if any."""
     from .nn import efficientnet
 
-    found = {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith(_CLASSIFIER)}
+    def shapes(sd):
+        return {k: tuple(v.shape) for k, v in sd.items()
+                if not k.startswith(_CLASSIFIER) and not k.endswith("num_batches_tracked")}
+
+    found = shapes(state_dict)
     for name in PUBLISHED:
-        with torch.device("meta"):
+        with torch.device("meta"):  # shapes only: no memory, no init cost
             candidate = efficientnet(name, num_classes=0)
-        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == found:
+        if shapes(candidate.state_dict()) == found:
             return name
     return None
 
@@ -257,7 +263,8 @@ def _load_into(model, state_dict: dict, source: str) -> None:
     ) and len(head) == sum(k.startswith(_CLASSIFIER) for k in expected):
         to_load.update(head)
     result = model.load_state_dict(to_load, strict=False)
-    not_loaded = [k for k in result.missing_keys if not k.startswith(_CLASSIFIER) and not k.endswith("num_batches_tracked")]
+    not_loaded = [k for k in result.missing_keys
+                  if not k.startswith(_CLASSIFIER) and not k.endswith("num_batches_tracked")]
     if not_loaded or result.unexpected_keys:  # pragma: no cover - guarded by the checks above
         raise CheckpointError(f"weights {source!r}: could not load {not_loaded or result.unexpected_keys}")
 
@@ -398,13 +405,16 @@ def build_model(
     if is_lite_layout(state_dict):
         if not requested.lite:
             raise CheckpointError(
-                f"{path!r} is an EfficientNet-Lite state_dict in the EfficientNet-PyTorch layout (_conv_stem, _blocks), "
+                f"{path!r} is an EfficientNet-Lite state_dict in the EfficientNet-PyTorch layout "
+                "(_conv_stem, _blocks), "
                 f"but phi={phi!r} requests {_describe_scaling(requested)}; pass the Lite variant it was trained as"
             )
         try:
             state_dict = convert_lite_state_dict(state_dict, requested)
         except ValueError as exc:
-            raise CheckpointError(f"weights {path!r} do not fit efficientnet {_describe_scaling(requested)}: {exc}") from None
+            raise CheckpointError(
+                f"weights {path!r} do not fit efficientnet {_describe_scaling(requested)}: {exc}"
+            ) from None
         model = make(requested, _check_same_padding(same_padding, True, path))
         preprocessing = lite_preprocessing(requested)
     else:

@@ -138,7 +138,7 @@ def test_format_is_extensible_but_versioned(tmp_path):
 def test_only_plain_values_are_stored(tmp_path):
     model = efficientnet("b0", num_classes=2)
     with pytest.raises(TypeError, match=r"metadata\['optimizer'\] is a SGD"):
-        save_checkpoint(tmp_path / "m.pt", model, PREP, metadata={"optimizer": torch.optim.SGD(model.parameters(), 0.1)})
+        save_checkpoint(tmp_path / "m.pt", model, PREP, metadata={"optimizer": torch.optim.SGD(model.parameters())})
     with pytest.raises(ValueError, match="3 class labels for a model with 2 outputs"):
         save_checkpoint(tmp_path / "m.pt", model, PREP, classes=["a", "b", "c"])
     assert os.listdir(tmp_path) == []  # rejected before anything is written
