@@ -86,11 +86,37 @@ def _run_featurize(args) -> int:
     return 0
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the design card's pipeline on sklearn's digits with real Lite0 weights (offline)")
+    p.add_argument("--phi", default="lite0", help="variant name or phi (default: lite0, whose weights ship with effsk)")
+    p.add_argument("--weights", default="imagenet", help="'imagenet', 'none', or a checkpoint path")
+    p.add_argument("--n", type=int, default=None, help="use only the first N digits (default: all 1797)")
+    p.add_argument("--resolution", type=int, default=None, help="override the model's input resolution")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        _parse_phi(args.phi),
+        None if args.weights.lower() == "none" else args.weights,
+        n=args.n,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        verbose=0 if args.quiet else 1,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effsk", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_info(sub)
     _add_featurize(sub)
+    _add_demo(sub)
     return parser
 
 
