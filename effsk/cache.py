@@ -112,6 +112,8 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def open_feature_cache(memory, config: dict, n_features: int) -> FeatureCache | None:
     """A :class:`FeatureCache` under ``memory`` (a path or ``joblib.Memory``), or ``None`` for no caching."""
+    if isinstance(memory, os.PathLike):
+        memory = os.fspath(memory)
     location = check_memory(memory).location
     if location is None:
         return None

@@ -2,13 +2,15 @@
 
 One decoding path serves every estimator. ``X`` may be a sequence (list, tuple, numpy object array,
 pandas Series, one-column DataFrame) of file paths, encoded image bytes, PIL images, ``HxW`` / ``HxWxC``
-arrays or ``CxH xW`` tensors; an ``(N, H, W)`` / ``(N, H, W, C)`` uint8, uint16 or float array; or an
-``(N, C, H, W)`` tensor. Float pixels lie in [0, 1]. Items are decoded one at a time, inside DataLoader
-workers when there are any, so featurizing N files holds about one batch of images in memory.
+arrays or ``CxHxW`` tensors; an ``(N, H, W)`` / ``(N, H, W, C)`` uint8, uint16 or float array; or an
+``(N, C, H, W)`` tensor. Float pixels lie in [0, 1]; uint16 pixels are 16-bit. Items are decoded one at
+a time, inside DataLoader workers when there are any, so featurizing N files holds about one batch of
+images in memory.
 
-JPEG and PNG go through :mod:`torchvision.io` (libjpeg-turbo / libpng, EXIF orientation applied);
-every other format through PIL. Both paths convert grayscale, RGBA, palette, 16-bit and CMYK to RGB
-the same way, and refuse images above ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bombs).
+JPEG and PNG go through :mod:`torchvision.io` (libjpeg-turbo / libpng: the fastest decoders here); every
+other format through PIL. Both paths honour EXIF orientation, convert grayscale, palette, 16-bit and
+CMYK to RGB identically, drop alpha (as PIL's ``convert("RGB")`` does), take the first frame of
+animations, and refuse images above ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bombs).
 """
 
 from __future__ import annotations

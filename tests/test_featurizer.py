@@ -96,10 +96,12 @@ def _with(fitted, **params):
     return copy.deepcopy(fitted).set_params(**params)
 
 
-def _torchvision_reference(featurizer, photos, layers, pooling):
-    """torchvision's efficientnet_b0 with the featurizer's weights, fed by torchvision's eval preset."""
+@pytest.fixture(scope="module")
+def reference_maps(fitted, photos):
+    """Feature maps of torchvision's efficientnet_b0 holding the featurizer's weights, fed by
+    torchvision's own eval preset (on PIL images)."""
     tv = tvm.efficientnet_b0().eval()
-    missing, unexpected = tv.load_state_dict(featurizer.model_.state_dict(), strict=False)
+    missing, unexpected = tv.load_state_dict(fitted.model_.state_dict(), strict=False)
     assert not unexpected and set(missing) == {"classifier.1.weight", "classifier.1.bias"}
     preset = type(tvm.EfficientNet_B0_Weights.IMAGENET1K_V1.transforms())(
         crop_size=CROP, resize_size=RESIZE, interpolation=InterpolationMode.BICUBIC
@@ -109,29 +111,30 @@ def _torchvision_reference(featurizer, photos, layers, pooling):
     with torch.no_grad():
         for i, module in enumerate(tv.features):
             x = maps[i] = module(x)
-    pools = {
-        "avg": lambda m: m.mean((2, 3)),
-        "max": lambda m: torch.nn.functional.adaptive_max_pool2d(m, 1).flatten(1),
-        "avgmax": lambda m: (m.mean((2, 3)) + m.amax((2, 3))) / 2,
-        "gem": lambda m: torch.nn.functional.avg_pool2d(m.clamp(min=1e-6).pow(3), m.shape[-2:]).pow(1 / 3).flatten(1),
-    }
-    return torch.cat([pools[pooling](maps[layer]) for layer in layers], 1).numpy()
+    return maps
 
 
-@pytest.mark.parametrize("pooling", ["avg", "max", "avgmax", "gem"])
-def test_features_match_torchvision_reference(fitted, photos, pooling):
-    featurizer = clone(fitted).set_params(pooling=pooling).fit()
-    features = featurizer.transform(photos)
-    expected = _torchvision_reference(featurizer, photos, [8], pooling)
+REFERENCE_POOLS = {
+    "avg": lambda m: torch.nn.functional.adaptive_avg_pool2d(m, 1).flatten(1),
+    "max": lambda m: torch.nn.functional.adaptive_max_pool2d(m, 1).flatten(1),
+    "avgmax": lambda m: (m.mean((2, 3)) + m.amax((2, 3))) / 2,  # timm's "avgmax"
+    "gem": lambda m: torch.nn.functional.avg_pool2d(m.clamp(min=1e-6).pow(3), m.shape[-2:]).pow(1 / 3).flatten(1),
+}
+
+
+@pytest.mark.parametrize("pooling", list(REFERENCE_POOLS))
+def test_features_match_torchvision_reference(fitted, photos, reference_maps, pooling):
+    features = _with(fitted, pooling=pooling).transform(photos)
     assert features.dtype == np.float32 and features.shape == (N_IMAGES, 1280)
-    assert_close_scaled(features, expected, 1e-5)
+    assert_close_scaled(features, REFERENCE_POOLS[pooling](reference_maps[8]).numpy(), 1e-5)
 
 
-def test_layers_concatenate_pooled_stages(fitted, photos):
-    featurizer = clone(fitted).set_params(layers=[2, -1, 5]).fit()
+def test_layers_concatenate_pooled_stages(fitted, photos, reference_maps):
+    featurizer = clone(fitted).set_params(layers=[2, -1, 5]).fit()  # seeded: the same weights
     assert featurizer.layers_ == [2, 8, 5]
     features = featurizer.transform(photos)
-    assert_close_scaled(features, _torchvision_reference(featurizer, photos, [2, 8, 5], "avg"), 1e-5)
+    expected = torch.cat([REFERENCE_POOLS["avg"](reference_maps[i]) for i in (2, 8, 5)], 1).numpy()
+    assert_close_scaled(features, expected, 1e-5)
     names = featurizer.get_feature_names_out()
     assert features.shape[1] == len(names) == 24 + 1280 + 112
     assert names[0] == "effsk_b0_avg_l2_0" and names[24] == "effsk_b0_avg_l8_0" and names[-1] == "effsk_b0_avg_l5_111"
@@ -232,21 +235,20 @@ def test_feature_cache_reuses_rows_and_is_never_stale(fitted, paths, photos, tmp
     changed = cached.transform(paths)
     assert counter.images == N_IMAGES + 4
     np.testing.assert_array_equal(changed[1:], uncached[1:])
-    assert_close_scaled(changed[:1], fitted.transform(paths[:1]), 1e-5)
     assert np.abs(changed[0] - uncached[0]).max() > 1e-3 * np.abs(uncached).max()
+    refit = clone(cached).fit()  # seeded: identical weights, so the rows are reused
+    np.testing.assert_array_equal(refit.transform(paths[1:3]), uncached[1:3])
+    assert counter.images == N_IMAGES + 4
+    assert_close_scaled(changed[:1], fitted.transform(paths[:1]), 1e-5)
 
-    for config in ({"pooling": "max"}, {"precision": "bf16"}, {"layers": [3]}):
-        before = counter.images
-        cached.set_params(**config).fit()
-        cached.transform(paths[:2])
-        assert counter.images == before + 2, config
-        cached.set_params(pooling="avg", precision="auto", layers=None)
-    refit = clone(cached).fit()
+    reweighted = clone(cached).fit()
     with torch.no_grad():  # other weights (as a new random init would give) must not read the old rows
-        refit.model_.features[0][0].weight.mul_(1.01)
-    before = counter.images
-    refit.transform(paths[:2])
-    assert counter.images == before + 2
+        reweighted.model_.features[0][0].weight.mul_(1.01)
+    configs = [_with(cached, pooling="max"), _with(cached, precision="bf16"), clone(cached).set_params(layers=[3]).fit()]
+    for other in [reweighted, *configs]:
+        before = counter.images
+        other.transform(paths[1:3])
+        assert counter.images == before + 2, other
 
     memory = joblib.Memory(tmp_path / "joblib", verbose=0)
     via_memory = _with(fitted, memory=memory)
@@ -255,6 +257,15 @@ def test_feature_cache_reuses_rows_and_is_never_stale(fitted, paths, photos, tmp
     assert counter.images == before + 4
     assert any((tmp_path / "joblib").rglob("*.npy"))
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_workers_decode_and_hash_like_the_main_process(fitted, paths, tmp_path, monkeypatch):
+    expected = fitted.transform(paths)
+    counter = _CountingForward(monkeypatch)
+    parallel = _with(fitted, num_workers=2, batch_size=4, memory=tmp_path / "cache")
+    assert_close_scaled(parallel.transform(paths), expected, 1e-5)
+    assert_close_scaled(parallel.transform(paths), expected, 1e-5)
+    assert counter.images == N_IMAGES  # digests computed in workers match across runs
 
 
 def test_cache_writes_are_atomic(tmp_path, monkeypatch):
@@ -317,7 +328,8 @@ def test_pipeline_grid_search_over_phi_and_cross_val_score(photos, monkeypatch):
     assert scores.shape == (2,) and np.all((0 <= scores) & (scores <= 1))
 
 
-def test_phi_scaling_and_compound_bases_reach_the_model():
+def test_phi_scaling_and_compound_bases_reach_the_model(monkeypatch):
+    monkeypatch.setattr(_base, "build_model", build_model)
     featurizer = _featurizer(scaling="compound", gamma=1.2).set_params(phi=1).fit()
     assert featurizer.scaling_.mode == "compound" and featurizer.scaling_.resolution == 269
     assert featurizer.get_feature_names_out()[0] == "effsk_phi1_avg_0"

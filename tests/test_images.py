@@ -6,6 +6,7 @@ same files, and torchvision's ImageClassification eval transform.
 
 import io
 import os
+import pickle
 
 import numpy as np
 import pandas as pd
@@ -118,8 +119,9 @@ def test_modes_and_formats_convert_to_rgb_like_pil(pixels, mode, fmt):
 def test_sixteen_bit_png_keeps_the_high_byte():
     values = np.random.default_rng(1).integers(0, 65536, size=(H, W), dtype=np.uint16)
     data = _encode(Image.fromarray(values), "PNG")
-    (image,) = _decode_all([data])
-    assert torch.equal(image, torch.from_numpy((values >> 8).astype(np.uint8)).expand(3, -1, -1))
+    expected = torch.from_numpy((values >> 8).astype(np.uint8)).expand(3, -1, -1)
+    decoded = _decode_all([data, Image.open(io.BytesIO(data)), _encode(Image.fromarray(values), "TIFF")])
+    assert all(torch.equal(image, expected) for image in decoded)  # torchvision, then PIL's I;16 twice
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
@@ -205,6 +207,8 @@ def test_bad_files_name_index_path_and_reason(bad_files, pixels, name, reason):
     error = info.value
     assert error.index == 2 and error.path == str(bad_files[name])
     assert str(error).startswith(f"image 2 ({str(bad_files[name])!r}): ")
+    restored = pickle.loads(pickle.dumps(error))  # e.g. back from a joblib worker
+    assert (restored.index, restored.path, restored.reason) == (error.index, error.path, error.reason)
 
 
 def test_decompression_bomb_is_refused(pixels, monkeypatch, tmp_path):
