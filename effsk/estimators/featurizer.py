@@ -1,0 +1,369 @@
+"""EfficientNetFeaturizer: images -> pooled EfficientNet features, as a scikit-learn transformer."""
+
+from __future__ import annotations
+
+import copy
+import numbers
+import os
+import warnings
+from numbers import Integral
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..cache import open_feature_cache, weights_identity
+from ..images import ON_ERROR, ImageLoadWarning, _items, item_digest, make_loader, num_images
+from ..runtime import autocast
+from ..scaling import ALPHA, BETA, GAMMA
+from ._base import MODEL_PARAMETER_CONSTRAINTS, RUNTIME_PARAMETER_CONSTRAINTS, build_estimator_model, resolve_runtime
+
+__all__ = ["EfficientNetFeaturizer", "POOLINGS"]
+
+POOLINGS = ("avg", "max", "avgmax", "gem")
+GEM_P = 3.0
+_GEM_EPS = 1e-6
+_LISTED_FAILURES = 20
+
+
+def _pool(feature_map: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, C)`` float32, computed in fp32 whatever the autocast dtype."""
+    x = feature_map.float()
+    if pooling == "avg":
+        return x.mean((2, 3))
+    if pooling == "max":
+        return x.amax((2, 3))
+    if pooling == "avgmax":  # timm's "avgmax": the mean of the two, same width
+        return 0.5 * (x.mean((2, 3)) + x.amax((2, 3)))
+    # GeM (Radenovic et al. 2018); SiLU maps can be slightly negative, hence the clamp.
+    return x.clamp(min=_GEM_EPS).pow(GEM_P).mean((2, 3)).pow(1.0 / GEM_P)
+
+
+def _inference_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
+    """The one place a fitted model is prepared for inference: an eval copy, channels_last, on ``device``.
+
+    ``dtype`` is the autocast dtype (``None`` = fp32); the copy leaves ``model`` (what gets pickled)
+    untouched on the CPU.
+    """
+    prepared = copy.deepcopy(model).eval()
+    return prepared.to(device=device, memory_format=torch.channels_last)
+
+
+class _Digests(Dataset):
+    """Content digests of the items of ``X``, computed in DataLoader workers like decoding."""
+
+    def __init__(self, X):
+        self._items = _items(X)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __getitem__(self, index):
+        return item_digest(self._items[index])
+
+
+class EfficientNetFeaturizer(TransformerMixin, BaseEstimator):
+    """Images -> pooled features of an EfficientNet backbone.
+
+    Parameters
+    ----------
+    phi : str or float, default="b0"
+        Variant: a published name (``"b0"``..``"b7"``, ``"lite0"``..``"lite4"``) or a compound
+        coefficient >= 0 (see :func:`effsk.scaling.resolve`).
+    weights : "imagenet", None or path, default="imagenet"
+        Published ImageNet weights, random initialisation (``None``), or a checkpoint file.
+    scaling : {"official", "compound"}, default="official"
+        How a numeric phi becomes width, depth and resolution.
+    alpha, beta, gamma : float, default=1.2, 1.1, 1.15
+        Depth, width and resolution bases of the compound rule.
+    pooling : {"avg", "max", "avgmax", "gem"}, default="avg"
+        Global pooling of each feature map; ``"avgmax"`` is the mean of average and max pooling,
+        ``"gem"`` generalised-mean pooling with p = 3.
+    layers : list of int, optional
+        Entries of the model's ``feature_info`` to pool and concatenate (0 = stem, 1..7 = the MBConv
+        stages, 8 or -1 = the head convolution). ``None`` gives the head's features only.
+    resolution : int, optional
+        Crop size fed to the network; defaults to the weights' preprocessing (the resize keeps its
+        ratio to the crop).
+    batch_size : int, default=32
+        Images per forward pass.
+    device : str or torch.device, default="auto"
+        ``"auto"`` picks cuda, then mps, then cpu. Read at transform time, so a featurizer fitted on a
+        GPU machine transforms on a CPU-only one.
+    precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
+        Autocast dtype: ``"auto"`` is bf16 (or fp16) on GPUs and fp32 on CPU.
+    num_workers : int, default=0
+        DataLoader workers that read and decode images.
+    memory : str, path or joblib.Memory, optional
+        Where to cache feature rows per image, keyed on image content and everything that changes
+        features; reruns and cross-validation folds reuse them.
+    on_error : {"raise", "nan"}, default="raise"
+        What an image that cannot be loaded does: raise :class:`~effsk.images.ImageLoadError`, or
+        give a row of NaN (with one :class:`~effsk.images.ImageLoadWarning` listing the failures).
+    verbose : int, default=0
+        Show a progress bar while featurizing.
+
+    Attributes
+    ----------
+    model_ : EfficientNet
+        The backbone (kept on the CPU; a prepared copy runs on ``device``).
+    preprocessing_ : Preprocessing
+        Resize, crop and normalisation applied to every image.
+    scaling_ : Scaling
+        The resolved variant.
+    layers_ : list of int
+        The ``feature_info`` entries that are pooled.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from effsk import EfficientNetFeaturizer
+    >>> X = np.random.default_rng(0).integers(0, 256, size=(2, 48, 48, 3), dtype=np.uint8)
+    >>> featurizer = EfficientNetFeaturizer("b0", weights=None, resolution=32).fit(X)
+    >>> featurizer.transform(X).shape
+    (2, 1280)
+    >>> featurizer.get_feature_names_out()[:2].tolist()
+    ['effsk_b0_avg_0', 'effsk_b0_avg_1']
+    """
+
+    _parameter_constraints: dict = {
+        **MODEL_PARAMETER_CONSTRAINTS,
+        "pooling": [StrOptions(set(POOLINGS))],
+        "layers": [None, "array-like"],
+        "resolution": [None, Interval(Integral, 1, None, closed="left")],
+        **RUNTIME_PARAMETER_CONSTRAINTS,
+        "memory": [None, str, os.PathLike, HasMethods(["cache"])],
+        "on_error": [StrOptions(set(ON_ERROR))],
+    }
+
+    def __init__(
+        self,
+        phi="b0",
+        *,
+        weights="imagenet",
+        scaling="official",
+        alpha=ALPHA,
+        beta=BETA,
+        gamma=GAMMA,
+        pooling="avg",
+        layers=None,
+        resolution=None,
+        batch_size=32,
+        device="auto",
+        precision="auto",
+        num_workers=0,
+        memory=None,
+        on_error="raise",
+        verbose=0,
+    ):
+        self.phi = phi
+        self.weights = weights
+        self.scaling = scaling
+        self.alpha = alpha
+        self.beta = beta
+        self.gamma = gamma
+        self.pooling = pooling
+        self.layers = layers
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.device = device
+        self.precision = precision
+        self.num_workers = num_workers
+        self.memory = memory
+        self.on_error = on_error
+        self.verbose = verbose
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # X is a collection of images (paths, bytes, arrays), not a numeric 2-D feature matrix.
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.input_tags.string = True
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        tags.target_tags.required = False
+        return tags
+
+    # ----------------------------------------------------------------------------------------------
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X=None, y=None):
+        """Resolve ``phi`` and load the model. ``X`` is only checked (when given); ``y`` is ignored.
+
+        Returns
+        -------
+        self
+        """
+        if X is not None:
+            num_images(X)
+        resolve_runtime(self)  # an unusable device or precision fails now, not after loading weights
+        model, preprocessing = build_estimator_model(self, num_classes=0)
+        self.layers_ = self._resolve_layers(model)
+        self.model_ = model.eval()
+        if self.resolution is not None:
+            preprocessing = preprocessing.with_resolution(self.resolution)
+        self.preprocessing_ = preprocessing
+        self.scaling_ = model.scaling
+        self._n_features_out = sum(model.feature_info[i]["channels"] for i in self.layers_)
+        self._prepared = None
+        self._weights_id = None
+        return self
+
+    def _resolve_layers(self, model) -> list[int]:
+        n = len(model.feature_info)
+        if self.layers is None:
+            return [n - 1]
+        layers = list(self.layers)
+        valid = f"integers in 0..{n - 1} (0 = stem, 1..{n - 2} = MBConv stages, {n - 1} = head) or negative indices"
+        if not layers:
+            raise ValueError(f"layers={self.layers!r} is empty; pass None for the head's features, or {valid}.")
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not -n <= layer < n:
+                raise ValueError(f"layers={self.layers!r}: {layer!r} is not a feature_info index; use {valid}.")
+        resolved = [int(layer) % n for layer in layers]
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(f"layers={self.layers!r} names the same entry twice.")
+        return resolved
+
+    # ----------------------------------------------------------------------------------------------
+    def transform(self, X):
+        """Pooled features of each image.
+
+        Parameters
+        ----------
+        X : images
+            A sequence of paths, bytes, PIL images or arrays; an (N, H, W[, C]) array; an (N, C, H, W)
+            tensor (see :mod:`effsk.images`).
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_features), float32
+        """
+        check_is_fitted(self)
+        n = num_images(X)
+        device, dtype = resolve_runtime(self)
+        features = np.empty((n, self._n_features_out), dtype=np.float32)
+        cache = self._feature_cache(device, dtype)
+        todo, keys = np.arange(n), None
+        if cache is not None:
+            keys = self._digests(X)
+            cached = [cache.get(key) for key in keys]
+            for i, row in enumerate(cached):
+                if row is not None:
+                    features[i] = row
+            todo = np.array([i for i, row in enumerate(cached) if row is None], dtype=np.int64)
+        failures = self._featurize(X, todo, features, device, dtype, cache, keys) if len(todo) else []
+        if failures:
+            _warn_failures(failures, n)
+        return features
+
+    def _featurize(self, X, todo, features, device, dtype, cache, keys) -> list:
+        """Fill ``features[todo]``; return the load failures as ``(index, path, reason)``."""
+        model = self._prepared_model(device, dtype)
+        loader = make_loader(
+            X,
+            self.preprocessing_,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=device.type == "cuda",
+            on_error=self.on_error,
+            indices=todo,
+            return_errors=True,
+        )
+        failures = []
+        progress = tqdm(total=len(todo), disable=not self.verbose, unit="img", desc=f"effsk {self.scaling_.label}")
+        with progress, torch.inference_mode():
+            for images, indices, errors in loader:
+                indices = indices.numpy()
+                failed = np.isin(indices, [index for index, _, _ in errors])
+                if failed.any():
+                    images[torch.from_numpy(failed)] = 0  # NaN placeholders never enter the network
+                rows = self._forward_batch(model, images.to(device, non_blocking=True), device, dtype)
+                rows = rows.cpu().numpy()
+                rows[failed] = np.nan
+                features[indices] = rows
+                if cache is not None:
+                    for index, row in zip(indices[~failed], rows[~failed]):
+                        cache.put(keys[index], row)
+                failures.extend(errors)
+                progress.update(len(indices))
+        return failures
+
+    def _forward_batch(self, model, images, device, dtype) -> torch.Tensor:
+        """One batch through the network: ``(B, 3, H, W)`` on ``device`` -> ``(B, n_features)`` float32."""
+        images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            maps = model.forward_intermediates(images, self.layers_)
+        return torch.cat([_pool(feature_map, self.pooling) for feature_map in maps], dim=1)
+
+    def _prepared_model(self, device, dtype):
+        key = (str(device), dtype)
+        prepared = getattr(self, "_prepared", None)
+        if prepared is None or prepared[0] != key:
+            prepared = self._prepared = (key, _inference_model(self.model_, device, dtype))
+        return prepared[1]
+
+    # ----------------------------------------------------------------------------------------------
+    def _feature_cache(self, device, dtype):
+        if self.memory is None:
+            return None
+        if getattr(self, "_weights_id", None) is None:
+            self._weights_id = weights_identity(self.model_)
+        config = {
+            "model": type(self.model_).__name__,
+            "scaling": self.scaling_.as_dict(),
+            "same_padding": bool(getattr(self.model_, "same_padding", False)),
+            "weights": self._weights_id,
+            "preprocessing": self.preprocessing_.to_dict(),
+            "pooling": self.pooling,
+            "gem_p": GEM_P,
+            "layers": self.layers_,
+            "device": device.type,
+            "autocast": str(dtype),
+        }
+        return open_feature_cache(self.memory, config, self._n_features_out)
+
+    def _digests(self, X) -> list:
+        loader = DataLoader(_Digests(X), batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=list)
+        return [key for batch in loader for key in batch]
+
+    # ----------------------------------------------------------------------------------------------
+    def get_feature_names_out(self, input_features=None):
+        """``effsk_<variant>_<pooling>_<i>``, with ``_l<layer>`` before ``<i>`` when ``layers`` is set.
+
+        ``input_features`` is ignored: the input is images, not named columns.
+        """
+        check_is_fitted(self)
+        variant = self.scaling_.name or f"phi{self.scaling_.phi:g}".replace(".", "p")
+        prefix = f"effsk_{variant}_{self.pooling}"
+        head_only = self.layers_ == [len(self.model_.feature_info) - 1]
+        names = []
+        for layer in self.layers_:
+            stem = prefix if head_only else f"{prefix}_l{layer}"
+            names.extend(f"{stem}_{i}" for i in range(self.model_.feature_info[layer]["channels"]))
+        return np.asarray(names, dtype=object)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_prepared"] = None  # a device copy; rebuilt on demand wherever the estimator is loaded
+        model = state.get("model_")
+        if model is not None and any(t.device.type != "cpu" for t in model.state_dict().values()):
+            state["model_"] = copy.deepcopy(model).cpu()
+        return state
+
+
+def _warn_failures(failures: list, n: int) -> None:
+    failures = sorted(failures, key=lambda failure: failure[0])
+    lines = [
+        f"  image {index}" + (f" ({path!r})" if path is not None else "") + f": {reason}"
+        for index, path, reason in failures[:_LISTED_FAILURES]
+    ]
+    if len(failures) > _LISTED_FAILURES:
+        lines.append(f"  ... and {len(failures) - _LISTED_FAILURES} more")
+    warnings.warn(
+        f"{len(failures)} of {n} images could not be loaded; their feature rows are NaN:\n" + "\n".join(lines),
+        ImageLoadWarning,
+        stacklevel=3,
+    )
