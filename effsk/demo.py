@@ -71,7 +71,7 @@ def run_demo(phi="lite0", weights="imagenet", *, n=None, resolution=None, size=6
     n_img = len(y)
     print_fn("")
     print_fn(f"pipeline: {pipe}")
-    print_fn(f"  features: {feat.n_features_out_} per image from {feat.scaling_.label} "
+    print_fn(f"  features: {len(feat.get_feature_names_out())} per image from {feat.scaling_.label} "
              f"at {feat.preprocessing_.crop_size}px, weights={weights!r}")
     print_fn("")
     print_fn(f"{'model':<44} {'test accuracy':>13} {'seconds':>9}")
