@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from . import distributed
+from .cache import weights_identity
 from .datasets import list_images
 from .fileio import atomic_write
 
@@ -103,7 +104,10 @@ def featurize_to_parquet(
     if hasattr(featurizer, "preprocessing_"):
         metadata["preprocessing"] = featurizer.preprocessing_.to_dict()
     runtime_only = {"verbose", "num_workers", "batch_size", "device", "memory"}
-    config = json.dumps({k: v for k, v in metadata["featurizer"].items() if k not in runtime_only}, sort_keys=True)
+    config = {k: v for k, v in metadata["featurizer"].items() if k not in runtime_only}
+    # weights=None means a random model per fit: parts are only reusable for the very same weights.
+    config["weights_identity"] = weights_identity(featurizer.model_)
+    config = json.dumps(config, sort_keys=True)
 
     from tqdm.auto import tqdm
 
