@@ -160,16 +160,23 @@ def make_loader(
     generator=None,
     on_error: str = "raise",
     drop_last: bool = False,
+    sampler=None,
 ) -> DataLoader:
     """A DataLoader of ``(images float32 (B,3,crop,crop), batch_targets)``; ``batch_targets`` are rows
-    of ``targets``, or the int64 positions of the items in ``X`` when ``targets`` is None."""
+    of ``targets``, or the int64 positions of the items in ``X`` when ``targets`` is None.
+
+    ``sampler`` (e.g. a DistributedSampler over ``range(len(X))``) picks the items instead of
+    ``shuffle``."""
     if on_error != "raise":
         raise ValueError(f"on_error={on_error!r}; this build supports 'raise' only")
+    if sampler is not None and shuffle:
+        raise ValueError("pass either shuffle=True or a sampler, not both")
     dataset = _Images(X, transform or eval_transform(preprocessing), targets)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
         generator=generator,

@@ -7,8 +7,13 @@ checkpoint written from a callback resumes exactly, mid-epoch included.
 
 Scale-out is layered on, not built in: pass ``wrap_model`` (e.g. wrap in DistributedDataParallel),
 a loader with a ``DistributedSampler`` (its ``set_epoch`` is called every epoch), ``gather`` (an
-all-gather along dim 0, used to reduce training loss and to collect validation outputs) and
-``main_process=False`` on ranks that must stay quiet.
+all-gather along dim 0, used to reduce training loss and to collect validation outputs),
+``sync_buffers`` (e.g. average BatchNorm statistics over ranks) and ``main_process=False`` on ranks
+that must stay quiet.
+
+Resuming mid-epoch replays the epoch's batch order and skips the batches already done. A sampler
+with ``set_start_index(i)`` (such as :class:`effsk.distributed.ResumableDistributedSampler`) skips
+them without loading; with any other loader they are loaded and dropped.
 """
 
 from __future__ import annotations
@@ -69,6 +74,10 @@ class TrainConfig:
     ema_decay : float or None
         Keep an exponential moving average of the weights (and BatchNorm statistics); validation uses
         it and the model ends with its weights.
+    ema_warmup : bool
+        Ramp the EMA decay as TF's ``ExponentialMovingAverage(num_updates=step)`` does (the paper's
+        recipe): ``min(ema_decay, (1 + n) / (10 + n))`` at the n-th update, so that a decay such as
+        0.9999 does not pin the average to the initial weights for the first ~10k steps.
     precise_bn_batches : int
         Before each validation (and at the end when there is none), recompute the BatchNorm
         statistics that train from this many training batches with the current weights ("precise
@@ -108,6 +117,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     clip_grad_norm: float | None = None
     ema_decay: float | None = None
+    ema_warmup: bool = False
     precise_bn_batches: int = 0
     freeze: str | int = "none"
     early_stopping: bool = False
@@ -327,6 +337,10 @@ class Trainer:
         unwrapped module.
     gather : callable, optional
         All-gather along dim 0 across processes (identity when None).
+    sync_buffers : callable, optional
+        ``sync_buffers(module)`` makes a module's buffers agree across processes (e.g. averages
+        BatchNorm running statistics over ranks). Called on the model and the EMA after each
+        epoch's training steps and after precise BN, before validation.
     main_process : bool
         Only the main process shows progress.
 
@@ -356,6 +370,7 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sync_buffers: Callable[[nn.Module], None] | None = None,
         main_process: bool = True,
     ):
         self.config = config = config or TrainConfig()
@@ -373,6 +388,7 @@ class Trainer:
         self.loss_fn, self.metric_fn = loss_fn, metric_fn
         self.callbacks = list(callbacks)
         self.gather = gather
+        self.sync_buffers = sync_buffers
         self.main_process = main_process
 
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
@@ -382,7 +398,8 @@ class Trainer:
         self._held_names = [name for name, m in self.module.named_modules() if id(m) in held]
         self.ema = None
         if config.ema_decay is not None:
-            self.ema = AveragedModel(self.module, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+            average = _ema_warmup_multi_avg_fn(config.ema_decay) if config.ema_warmup else get_ema_multi_avg_fn(config.ema_decay)
+            self.ema = AveragedModel(self.module, multi_avg_fn=average, use_buffers=True)
         self.model = wrap_model(self.module) if wrap_model is not None else self.module
 
         self.steps_per_epoch = int(config.steps_per_epoch or len(train_loader))
@@ -461,9 +478,7 @@ class Trainer:
         self._callback("on_epoch_start")
         self.train_mode()
         start = time.perf_counter()
-        batches = iter(self.train_loader)
-        for _ in range(self.step_in_epoch):  # resuming mid-epoch: same order, minus the batches done
-            next(batches, None)
+        batches = self._remaining_batches()
         if self._pending_rng is not None:  # after skipping, so the skipped batches' augmentation is replayed
             _set_rng_state(self._pending_rng)
             self._pending_rng = None
@@ -493,6 +508,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
         seconds = time.perf_counter() - start
+        self._sync_buffers(self.module)
+        if self.ema is not None:
+            self._sync_buffers(self.ema.module)
         train_loss = self._reduced_epoch_loss()
         if not math.isfinite(train_loss):
             raise FloatingPointError(
@@ -510,6 +528,22 @@ class Trainer:
             record.update(self.validate())
             record["seconds"] = time.perf_counter() - start
         return record
+
+    def _remaining_batches(self):
+        """This epoch's batches after the ``step_in_epoch`` already done (same order as a fresh epoch)."""
+        sampler = getattr(self.train_loader, "sampler", None)
+        batch_size = getattr(self.train_loader, "batch_size", None)
+        if hasattr(sampler, "set_start_index") and batch_size:
+            sampler.set_start_index(self.step_in_epoch * batch_size)  # skipped without being loaded
+            return iter(self.train_loader)
+        batches = iter(self.train_loader)
+        for _ in range(self.step_in_epoch):
+            next(batches, None)
+        return batches
+
+    def _sync_buffers(self, module: nn.Module) -> None:
+        if self.sync_buffers is not None:
+            self.sync_buffers(module)
 
     def _reduced_epoch_loss(self) -> float:
         pair = torch.tensor([self._loss_sum.item(), float(self._epoch_count)], dtype=torch.float64)
@@ -546,6 +580,8 @@ class Trainer:
             channels_last=self.channels_last,
             frozen=self._held_names,
         )
+        if self.config.precise_bn_batches > 0:
+            self._sync_buffers(self.evaluated_module)
 
     def validate(self) -> dict:
         """Loss (and score, with a ``metric_fn``) of :attr:`evaluated_module` on the validation loader."""
@@ -647,6 +683,25 @@ class Trainer:
         self.best_value, self.best_epoch, self.bad_epochs = es["best_value"], es["best_epoch"], int(es["bad_epochs"])
         self.best_state, self.should_stop = es["best_state"], bool(es["should_stop"])
         self._pending_rng = state.get("rng")
+
+
+def _ema_warmup_multi_avg_fn(decay: float):
+    """EMA update with TF's decay ramp ``min(decay, (1 + n) / (10 + n))``, for AveragedModel.
+
+    The ramp is computed from AveragedModel's update count on its device: no host sync per step.
+    """
+
+    @torch.no_grad()
+    def update(ema_params, params, num_averaged) -> None:
+        ramped = ((1 + num_averaged) / (10 + num_averaged)).clamp(max=decay)
+        if torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0]):
+            torch._foreach_mul_(ema_params, ramped)
+            torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - ramped))
+        else:
+            for p_ema, p in zip(ema_params, params):
+                p_ema.copy_(p_ema * ramped + p * (1 - ramped))
+
+    return update
 
 
 def _get_rng_state(device: torch.device) -> dict:
