@@ -470,8 +470,10 @@ def pretrain(
         How ``phi`` resolves.
     resume : bool or "auto", default=False
         ``True``: continue the run in ``output_dir`` (it must exist) from its last saved state, mid-epoch
-        included; settings must match the original run's. ``"auto"``: resume if a state exists, else
-        start. ``False``: start, refusing an ``output_dir`` that already holds a run.
+        included; settings must match the original run's (the number of processes may change as long
+        as the global batch does not). ``"auto"``: resume if a state exists, else start. ``False``:
+        start, refusing an ``output_dir`` that already holds a run. On several nodes, ``output_dir``
+        must be on a filesystem every node sees: rank 0 writes, every rank reads the state.
     save_every_steps : int, optional
         Also save the training state every this many optimiser steps (it is saved every epoch).
     device, precision : str

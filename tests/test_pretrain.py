@@ -297,6 +297,21 @@ def test_output_dir_is_protected_and_resume_checks_settings(paper_run, data):
         pretrain(train, **{**common, "output_dir": out / "elsewhere", "resume": True})
 
 
+def test_continues_from_a_checkpoint_keeping_its_batchnorm_eps(paper_run, data, tmp_path):
+    result, _ = paper_run
+    train, _ = data
+    start = weights_of(result.checkpoint)
+    with threads(1):  # a vanishing lr and frozen BatchNorm: the run must end where it started
+        cont = pretrain(train, output_dir=tmp_path, phi=None, weights=result.checkpoint, recipe="modern", epochs=1,
+                        batch_size=8, lr=1e-12, resolution=32, num_workers=0, verbose=0, freeze="bn", ema_decay=None)
+    ckpt = load_checkpoint(cont.checkpoint)
+    assert ckpt["arch"]["bn_eps"] == 1e-3  # the modern recipe keeps the loaded weights' eps
+    for key, value in start.items():
+        torch.testing.assert_close(ckpt["state_dict"][key], value, rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="bn_eps"):
+        pretrain(train, output_dir=tmp_path / "x", weights=result.checkpoint, bn_eps=1e-5)
+
+
 def test_cli_reports_bad_settings(data, tmp_path, capsys):
     train, _ = data
     assert cli.main(["pretrain", str(train), "--output-dir", str(tmp_path), "--set", "warmup=3"]) == 2
@@ -342,6 +357,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(data, tmp_pat
     for out in (killed_dir, straight_dir):
         assert [r["step"] for r in records(out)] == [12, 24]
         assert load_checkpoint(out / CHECKPOINT_FILE)["metadata"]["pretrain"]["steps"] == 24
+    assert not list(killed_dir.glob(".*.tmp"))  # a write cut short by the kill is cleaned up
     # CPU kernels are deterministic and the state holds the RNG: the weights agree exactly
     a, b = weights_of(killed_dir / CHECKPOINT_FILE), weights_of(straight_dir / CHECKPOINT_FILE)
     for key in b:
