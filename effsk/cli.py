@@ -111,12 +111,104 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="train a backbone from scratch (or continue from weights) on an ImageFolder or a CSV/parquet table",
+        description="Pretrain an EfficientNet. Under torchrun --nproc_per_node=N it runs data-parallel "
+        "(DDP; NCCL on GPUs, gloo on CPU); --batch-size is the global batch.",
+    )
+    p.add_argument("data", help="an ImageFolder directory (one folder per class) or a .csv/.parquet table")
+    p.add_argument("--output-dir", required=True, help="where the checkpoint, training state, metrics and plot go")
+    p.add_argument("--phi", default="b0", help="variant name or phi (default: b0)")
+    p.add_argument("--recipe", default="modern", choices=["modern", "paper"])
+    p.add_argument("--val-data", default=None, help="validation directory or table (same classes)")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of DATA when there is no --val-data")
+    p.add_argument("--weights", default="none", help="'none' (from scratch), 'imagenet', or a checkpoint path to continue from")
+    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch (default: 256)")
+    p.add_argument("--lr", type=float, default=None, help="default: the recipe's lr per 256 images x batch/256")
+    p.add_argument("--resolution", type=int, default=None, help="crop size (default: the variant's)")
+    p.add_argument("--scaling", choices=["official", "compound"], default="official")
+    p.add_argument("--path-column", default="path")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a recipe setting, e.g. --set optimizer=sgd --set ema_decay=None (repeatable)")
+    p.add_argument("--resume", nargs="?", const="true", default="false", choices=["true", "auto", "false"],
+                   help="continue the run in --output-dir ('auto': if there is one)")
+    p.add_argument("--save-every-steps", type=int, default=None, help="also save the training state every N steps")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun")
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_pretrain)
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    import ast
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"--set {text!r}: expected NAME=VALUE")
+    try:
+        parsed = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        parsed = value.strip()  # a bare word such as adamw or cosine
+    return name.strip(), parsed
+
+
+def _run_pretrain(args) -> int:
+    from .pretrain import Recipe, pretrain
+
+    overrides = dict(_parse_override(item) for item in args.overrides)
+    unknown = sorted(set(overrides) - set(Recipe.names()))
+    if unknown:
+        raise ValueError(f"--set {unknown[0]}: not a recipe setting; valid settings: {', '.join(Recipe.names())}")
+    result = pretrain(
+        args.data,
+        output_dir=args.output_dir,
+        phi=_parse_phi(args.phi),
+        recipe=args.recipe,
+        val_data=args.val_data,
+        val_fraction=args.val_fraction,
+        weights=None if args.weights.lower() == "none" else args.weights,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        resolution=args.resolution,
+        scaling=args.scaling,
+        path_column=args.path_column,
+        label_column=args.label_column,
+        resume={"true": True, "auto": "auto", "false": False}[args.resume],
+        save_every_steps=args.save_every_steps,
+        device=args.device,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        sync_bn=args.sync_bn,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        verbose=0 if args.quiet else 1,
+        **overrides,
+    )
+    from .distributed import from_environ
+
+    if from_environ().is_main:
+        print(f"wrote {result.checkpoint}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effsk", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_info(sub)
     _add_featurize(sub)
     _add_demo(sub)
+    _add_pretrain(sub)
     return parser
 
 
@@ -125,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"effsk {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -481,6 +481,7 @@ def make_loader(
     drop_last: bool = False,
     indices=None,
     return_errors: bool = False,
+    sampler=None,
 ) -> ImageLoader:
     """A streaming DataLoader over ``X`` yielding ``(images, batch_targets)``.
 
@@ -503,6 +504,8 @@ def make_loader(
         Load only these items of ``X`` (batch indices still refer to positions in ``X``).
     return_errors : bool, default=False
         Yield ``(images, batch_targets, errors)``, ``errors`` listing ``(index, path, reason)``.
+    sampler : torch.utils.data.Sampler, optional
+        Picks the items instead of ``shuffle`` (e.g. a DistributedSampler over the dataset).
 
     Examples
     --------
@@ -513,6 +516,8 @@ def make_loader(
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}; use one of {ON_ERROR}")
+    if sampler is not None and shuffle:
+        raise ValueError("pass either shuffle=True or a sampler, not both")
     n = num_images(X)
     if targets is not None:
         targets = _as_target_tensor(targets, n)
@@ -529,6 +534,7 @@ def make_loader(
         return_errors=return_errors,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
         generator=generator,
