@@ -67,8 +67,8 @@ def _array_to_uint8_chw(a: np.ndarray) -> torch.Tensor:
 
 
 def _tensor_to_uint8_rgb(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype == torch.uint16 or t.dtype == torch.int32:
-        t = (t.to(torch.int64) >> 8).to(torch.uint8)
+    if t.dtype == torch.uint16:
+        t = (t.to(torch.int32) >> 8).to(torch.uint8)
     elif t.dtype != torch.uint8:
         if not t.is_floating_point():
             raise ValueError(f"unsupported dtype {t.dtype}")

@@ -492,8 +492,8 @@ class Trainer:
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
+        train_loss = self._reduced_epoch_loss()  # reads the loss back: the device has finished the epoch
         seconds = time.perf_counter() - start
-        train_loss = self._reduced_epoch_loss()
         if not math.isfinite(train_loss):
             raise FloatingPointError(
                 f"training diverged in epoch {self.epoch + 1}: the training loss is {train_loss}. "
