@@ -5,7 +5,8 @@
    label smoothing, autocast dtype, channels_last on CUDA, batch size, DataLoader settings, the same
    torchvision.transforms.v2 pipeline). Training images per second are timed per epoch, training steps
    only (effsk's validation and BatchNorm recalibration excluded), median over the epochs after the
-   first; total fit wall time is reported too.
+   first; total fit wall time is reported too. ``--repeats N`` alternates the loops N times and keeps
+   the best run of each (use it on a shared machine).
 2. Accuracy: scikit-learn's digits (1797 8x8 images, 10 classes) upscaled to RGB, stratified 70/30
    split, fine-tuned with and without ImageNet weights (skipped with the reason when the weights are
    not available offline).
@@ -163,13 +164,14 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=5, help="epochs of the throughput runs")
+    parser.add_argument("--repeats", type=int, default=1, help="throughput runs per loop, alternating; the best counts")
     parser.add_argument("--accuracy-epochs", type=int, default=15, help="max epochs of the accuracy runs (early stopping)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="use only this many digits (stratified)")
-    parser.add_argument("--weights", nargs="+", default=["none", "imagenet"], help="accuracy runs: none and/or imagenet")
+    parser.add_argument("--weights", nargs="*", default=["none", "imagenet"], help="accuracy runs: none and/or imagenet (none given: skip)")
     parser.add_argument("--quick", action="store_true", help="b0, 32 px, 400 digits, 2 epochs: a smoke test")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--verbose", type=int, default=0)
@@ -190,9 +192,14 @@ def main(argv=None) -> int:
     )
     print(setting, file=sys.stderr)
 
-    plain = plain_torchvision(X_train, y_train, args)
-    clf, effsk_seconds = effsk_fit(X_train, y_train, args)
-    ours = _steady([r["images_per_second"] for r in clf.history_])
+    plain_runs, effsk_runs = [], []
+    for _ in range(args.repeats):  # alternate the two loops; the best run of each resists noisy neighbours
+        plain_runs.append(plain_torchvision(X_train, y_train, args))
+        clf, seconds = effsk_fit(X_train, y_train, args)
+        effsk_runs.append({"images_per_second": _steady([r["images_per_second"] for r in clf.history_]), "fit_seconds": seconds})
+    plain = max(plain_runs, key=lambda r: r["images_per_second"])
+    best = max(effsk_runs, key=lambda r: r["images_per_second"])
+    ours, effsk_seconds = best["images_per_second"], best["fit_seconds"]
     results = {
         "setting": setting,
         "throughput": {
@@ -202,6 +209,7 @@ def main(argv=None) -> int:
             "effsk_fit_seconds": effsk_seconds,
             "torchvision_fit_seconds": plain["fit_seconds"],
             "epochs": args.epochs,
+            "repeats": args.repeats,
         },
         "accuracy": {},
     }

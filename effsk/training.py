@@ -9,6 +9,19 @@ Scale-out is layered on, not built in: pass ``wrap_model`` (e.g. wrap in Distrib
 a loader with a ``DistributedSampler`` (its ``set_epoch`` is called every epoch), ``gather`` (an
 all-gather along dim 0, used to reduce training loss and to collect validation outputs) and
 ``main_process=False`` on ranks that must stay quiet.
+
+Checkpoint and resume with a callback (write atomically: temp file, fsync, ``os.replace``)::
+
+    class Checkpoint(Callback):
+        def on_epoch_end(self, trainer, record):      # or on_step_end, every N steps
+            save_atomically(trainer.state_dict(), path)
+
+    trainer = Trainer(model, train_loader, val_loader, config, callbacks=[Checkpoint()])
+    trainer.load_state_dict(torch.load(path, weights_only=True))   # when resuming
+    trainer.fit()
+
+Extra validation metrics (top-5, say) go in through ``Callback.on_validation_end``, which may add keys
+to the epoch's record.
 """
 
 from __future__ import annotations

@@ -228,3 +228,11 @@ def test_bad_input_errors_name_what_and_where(small_data, fitted, data):
         EfficientNetClassifier(**{**SMALL, "early_stopping": True, "validation_fraction": 0.25, "batch_size": 4}).fit(images, y[:12] % 2)
     with pytest.raises(ImageLoadError, match="image 1"):
         fitted.predict([_png(Xt[0]), b"\x89PNG broken"])
+
+
+def test_loader_workers_keep_fits_reproducible(small_data):
+    X, y = small_data
+    params = {**SMALL, "num_workers": 2, "max_epochs": 2, "augment": "randaugment"}
+    first = EfficientNetClassifier(**params).fit(X, y).predict_proba(X[:8])
+    second = EfficientNetClassifier(**params).fit(X, y).predict_proba(X[:8])
+    np.testing.assert_array_equal(first, second)
