@@ -14,6 +14,19 @@ that must stay quiet.
 Resuming mid-epoch replays the epoch's batch order and skips the batches already done. A sampler
 with ``set_start_index(i)`` (such as :class:`effsk.distributed.ResumableDistributedSampler`) skips
 them without loading; with any other loader they are loaded and dropped.
+
+Checkpoint and resume with a callback (write atomically: temp file, fsync, ``os.replace``)::
+
+    class Checkpoint(Callback):
+        def on_epoch_end(self, trainer, record):      # or on_step_end, every N steps
+            save_atomically(trainer.state_dict(), path)
+
+    trainer = Trainer(model, train_loader, val_loader, config, callbacks=[Checkpoint()])
+    trainer.load_state_dict(torch.load(path, weights_only=True))   # when resuming
+    trainer.fit()
+
+Extra validation metrics (top-5, say) go in through ``Callback.on_validation_end``, which may add keys
+to the epoch's record.
 """
 
 from __future__ import annotations
@@ -507,11 +520,11 @@ class Trainer:
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
+        train_loss = self._reduced_epoch_loss()  # reads the loss back: the device has finished the epoch
         seconds = time.perf_counter() - start
         self._sync_buffers(self.module)
         if self.ema is not None:
             self._sync_buffers(self.ema.module)
-        train_loss = self._reduced_epoch_loss()
         if not math.isfinite(train_loss):
             raise FloatingPointError(
                 f"training diverged in epoch {self.epoch + 1}: the training loss is {train_loss}. "

@@ -8,6 +8,7 @@ reproducibility, pickling) lives here once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from numbers import Integral, Real
 
@@ -152,14 +153,14 @@ class FineTuneEstimator(BaseEstimator):
         weights = torch.as_tensor(self._loss_weights(y, sample_weight, n), dtype=torch.float32)
 
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        train_idx, val_idx = self._split(n, stratify, seed)
+        self._check_weights(weights, train_idx)
         device = resolve_device(self.device)
         with _forked_rng(device):
             torch.manual_seed(seed)
             if not warm:
                 self._build(n_outputs)
                 self.history_ = []
-            train_idx, val_idx = self._split(n, stratify, seed)
-            self._check_weights(weights, train_idx)
             loss = IndexedLoss(self._per_sample_loss, targets, weights)
             metric = _IndexedMetric(self._validation_score, loss)
             self._train(X, train_idx, val_idx, loss, metric, seed, device, warm)
@@ -182,7 +183,6 @@ class FineTuneEstimator(BaseEstimator):
             preprocessing = preprocessing.with_resolution(self.resolution)
         self.model_ = model
         self.preprocessing_ = preprocessing
-        self._model_config = {"phi": self.phi, **build_kwargs}
 
     def _split(self, n: int, stratify, seed: int):
         positions = np.arange(n)
@@ -224,7 +224,7 @@ class FineTuneEstimator(BaseEstimator):
         batch_size = min(self.batch_size, len(train_idx))
         pin = device.type == "cuda"
         generator = torch.Generator().manual_seed(seed)
-        train_loader = _Renumbered(make_loader(
+        train_loader = make_loader(
             _safe_indexing(X, train_idx),
             self.preprocessing_,
             transform=train_transform(self.preprocessing_, self.augment),
@@ -234,12 +234,12 @@ class FineTuneEstimator(BaseEstimator):
             num_workers=self.num_workers,
             pin_memory=pin,
             generator=generator,
-            # BatchNorm cannot train on a batch of one image
-            drop_last=len(train_idx) % batch_size == 1,
-        ), train_idx)
+            drop_last=len(train_idx) % batch_size == 1,  # BatchNorm cannot train on a batch of one
+        )
+        train_loader = _Renumbered(train_loader, train_idx)
         val_loader = None
         if val_idx is not None:
-            val_loader = _Renumbered(make_loader(
+            val_loader = make_loader(
                 _safe_indexing(X, val_idx),
                 self.preprocessing_,
                 transform=eval_transform(self.preprocessing_),
@@ -247,7 +247,8 @@ class FineTuneEstimator(BaseEstimator):
                 batch_size=batch_size,
                 num_workers=self.num_workers,
                 pin_memory=pin,
-            ), val_idx)
+            )
+            val_loader = _Renumbered(val_loader, val_idx)
         for phase, freeze, epochs in self._freeze_schedule(warm):
             config = TrainConfig(
                 max_epochs=epochs,
@@ -267,9 +268,11 @@ class FineTuneEstimator(BaseEstimator):
             )
             trainer = Trainer(self.model_, train_loader, val_loader, config, loss_fn=loss, metric_fn=metric)
             offset = len(self.history_)
-            for record in trainer.fit():
+            history = trainer.fit()
+            for record in history:
                 self.history_.append({**record, "epoch": offset + record["epoch"], "phase": phase})
-            self.best_epoch_ = offset + trainer.best_epoch
+            # the epoch whose weights the model now holds
+            self.best_epoch_ = offset + (trainer.best_epoch if config.early_stopping else len(history) - 1)
         self.model_.eval()
 
     # -- inference ------------------------------------------------------------------------------
@@ -301,21 +304,21 @@ class FineTuneEstimator(BaseEstimator):
     # -- persistence ------------------------------------------------------------------------------
 
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # object.__getstate__ hands out the live __dict__
         if "model_" in state:
-            # Weights travel as CPU tensors, so a model fitted on a GPU unpickles anywhere.
-            state["model_"] = {k: v.detach().to("cpu", copy=True) for k, v in self.model_.state_dict().items()}
+            # The network travels on the CPU, so a model fitted on a GPU unpickles anywhere.
+            state["model_"] = _cpu_copy(self.model_)
         return state
 
-    def __setstate__(self, state):
-        weights = state.get("model_")
-        super().__setstate__(state)
-        if isinstance(weights, dict):
-            config = dict(self._model_config)
-            with torch.random.fork_rng(devices=[]):  # building must not move the caller's RNG
-                model, _ = _weights.build_model(config.pop("phi"), None, **config)
-            model.load_state_dict(weights)
-            self.model_ = model.eval()
+
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` with every tensor on the CPU, without a second copy on the GPU."""
+    memo = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.detach().to("cpu", copy=True)
+    return copy.deepcopy(model, memo)
 
 
 class _IndexedMetric:

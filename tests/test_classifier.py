@@ -1,0 +1,238 @@
+"""EfficientNetClassifier: learning, freezing, weights, multi-label, model selection, reproducibility,
+persistence and bad input. Tiny runs: b0 at 32 px, a few dozen synthetic images."""
+
+import io
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
+from sklearn.utils.class_weight import compute_sample_weight
+from synthetic import tinted_images
+
+import effsk.weights
+from effsk.estimators import EfficientNetClassifier
+from effsk.estimators import _finetune
+from effsk.images import ImageLoadError
+from effsk.nn import EfficientNet
+
+NAMES = np.array(["red", "green", "blue"])
+SMALL = dict(weights=None, resolution=32, max_epochs=1, batch_size=8, early_stopping=False, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, y = tinted_images(120, seed=0)
+    Xt, yt = tinted_images(45, seed=1)
+    return X, NAMES[y], Xt, NAMES[yt]
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    X, y, _, _ = data
+    clf = EfficientNetClassifier(
+        "b0", weights=None, resolution=32, max_epochs=3, batch_size=16, lr=3e-3, validation_fraction=0.2, random_state=0
+    )
+    return clf.fit(X, y)
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    X, y = tinted_images(32, seed=2)
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def small_fit(small_data):
+    return EfficientNetClassifier(**SMALL).fit(*small_data)
+
+
+def test_learns_well_above_chance_with_string_labels(fitted, data):
+    _, _, Xt, yt = data
+    assert fitted.score(Xt, yt) >= 0.8  # chance is 1/3
+    assert set(fitted.classes_) == set(NAMES) and fitted.predict(Xt[:5]).dtype == fitted.classes_.dtype
+    proba = fitted.predict_proba(Xt)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(fitted.classes_[proba.argmax(axis=1)], fitted.predict(Xt))
+    np.testing.assert_allclose(np.exp(fitted.predict_log_proba(Xt[:4])), proba[:4], rtol=1e-5)  # another batch size
+
+
+def test_history_and_best_epoch(fitted):
+    h = fitted.history_
+    assert [r["epoch"] for r in h] == list(range(len(h))) and 1 <= len(h) <= 3
+    for record in h:
+        assert {"train_loss", "val_loss", "val_score", "lr", "seconds", "phase"} <= set(record)
+        assert record["phase"] == "train" and record["seconds"] > 0
+    best = min(range(len(h)), key=lambda i: h[i]["val_loss"])
+    assert fitted.best_epoch_ == best
+
+
+def test_same_random_state_same_predictions_and_clone(small_data, small_fit):
+    X, y = small_data
+    again = clone(small_fit).fit(X, y)
+    np.testing.assert_array_equal(again.predict_proba(X), small_fit.predict_proba(X))
+    other = clone(small_fit).set_params(random_state=1).fit(X, y)
+    assert not np.array_equal(other.predict_proba(X), small_fit.predict_proba(X))
+
+
+def test_pickle_and_joblib_round_trips_predict_identically(fitted, data, tmp_path):
+    _, _, Xt, _ = data
+    expected = fitted.predict_proba(Xt)
+    pickled = fitted.__getstate__()["model_"]  # what travels: the network with CPU tensors
+    assert pickled is not fitted.model_
+    assert all(t.device.type == "cpu" for t in [*pickled.parameters(), *pickled.buffers()])
+    restored = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_array_equal(restored.predict_proba(Xt), expected)
+    joblib.dump(fitted, tmp_path / "clf.joblib")
+    np.testing.assert_array_equal(joblib.load(tmp_path / "clf.joblib").predict_proba(Xt), expected)
+    assert restored.history_ == fitted.history_
+
+
+def test_warm_start_with_frozen_backbone_trains_only_the_head(small_data, small_fit):
+    X, y = small_data
+    clf = pickle.loads(pickle.dumps(small_fit))
+    before = {k: v.clone() for k, v in clf.model_.state_dict().items()}
+    clf.set_params(warm_start=True, freeze="backbone").fit(X, y)
+    after = clf.model_.state_dict()
+    assert len(clf.history_) == 2 and clf.best_epoch_ == 1
+    for key in before:
+        changed = not torch.equal(before[key], after[key])
+        assert changed == key.startswith("classifier."), key
+    with pytest.raises(ValueError, match="classes of the first fit"):
+        clf.fit(X, np.where(y == 0, 7, y))
+
+
+def test_pretrained_weights_train_the_head_first_then_everything(small_data, monkeypatch):
+    """weights='imagenet' (faked offline) runs a head-only phase, then unfreezes (fastai's fine_tune)."""
+    X, y = small_data
+    real_build = effsk.weights.build_model
+    monkeypatch.setattr(effsk.weights, "build_model", lambda phi, weights, **kw: real_build(phi, None, **kw))
+    phases = []
+
+    class Spy(_finetune.Trainer):
+        def fit(self):
+            before = {k: v.clone() for k, v in self.module.state_dict().items()}
+            history = super().fit()
+            changed = {k for k, v in self.module.state_dict().items() if not torch.equal(before[k], v)}
+            phases.append((self.config.freeze, self.config.max_epochs, changed))
+            return history
+
+    monkeypatch.setattr(_finetune, "Trainer", Spy)
+    clf = EfficientNetClassifier(**{**SMALL, "weights": "imagenet", "max_epochs": 2, "head_epochs": 1}).fit(X, y)
+    assert [r["phase"] for r in clf.history_] == ["head", "train"]
+    (head_mode, head_epochs, head_changed), (main_mode, main_epochs, main_changed) = phases
+    assert (head_mode, head_epochs, main_mode, main_epochs) == ("backbone", 1, "none", 1)
+    assert head_changed == {"classifier.1.weight", "classifier.1.bias"}
+    assert "features.0.0.weight" in main_changed and "features.0.1.running_mean" in main_changed
+
+
+def test_class_weight_and_sample_weight_follow_sklearn_and_change_the_fit(small_data, small_fit):
+    X, y = small_data
+    keep = np.flatnonzero((y != 2) | (np.arange(len(y)) % 3 == 0))  # class 2 becomes rare
+    Xi, yi = X[keep], y[keep]
+    sw = np.linspace(0.5, 2.0, len(yi))
+    clf = EfficientNetClassifier(**SMALL, class_weight="balanced")
+    np.testing.assert_allclose(clf._loss_weights(yi, sw, len(yi)), sw * compute_sample_weight("balanced", yi))
+    clf.set_params(class_weight={0: 1.0, 2: 5.0})
+    np.testing.assert_allclose(clf._loss_weights(yi, None, len(yi)), np.where(yi == 2, 5.0, 1.0))
+
+    base = EfficientNetClassifier(**SMALL).fit(Xi, yi).predict_proba(X)
+    balanced = EfficientNetClassifier(**SMALL, class_weight="balanced").fit(Xi, yi).predict_proba(X)
+    assert np.abs(balanced - base).max() > 1e-3
+    ones = EfficientNetClassifier(**SMALL).fit(X, y, sample_weight=np.ones(len(y))).predict_proba(X)
+    np.testing.assert_array_equal(ones, small_fit.predict_proba(X))
+    weighted = EfficientNetClassifier(**SMALL).fit(X, y, sample_weight=np.r_[np.full(16, 3.0), np.full(16, 0.2)])
+    assert np.abs(weighted.predict_proba(X) - ones).max() > 1e-3
+
+
+def test_sample_weight_two_counts_an_item_twice_in_the_loss():
+    clf = EfficientNetClassifier(label_smoothing=0.1)
+    clf.multilabel_ = False
+    g = torch.Generator().manual_seed(0)
+    outputs = torch.randn(5, 3, generator=g)
+    targets = torch.tensor([0, 2, 1, 1, 0])
+    weights = torch.tensor([2.0, 1, 1, 1, 1])
+    loss = _finetune.IndexedLoss(clf._per_sample_loss, targets, weights)
+    duplicated = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(torch.cat([outputs, outputs[:1]]), torch.cat([targets, targets[:1]]))
+    torch.testing.assert_close(loss(outputs, torch.arange(5)), duplicated)
+
+
+def test_multilabel_indicator_targets():
+    rng = np.random.default_rng(0)
+    Y = rng.integers(0, 2, size=(96, 3))
+    X = np.clip(rng.integers(0, 90, size=(96, 32, 32, 3)) + 110 * Y[:, None, None, :], 0, 255).astype(np.uint8)
+    clf = EfficientNetClassifier(**{**SMALL, "max_epochs": 3, "batch_size": 16, "lr": 3e-3}).fit(X[:64], Y[:64])
+    assert clf.multilabel_ and list(clf.classes_) == [0, 1, 2]
+    proba = clf.predict_proba(X[64:])
+    assert proba.shape == (32, 3) and ((proba >= 0) & (proba <= 1)).all()
+    pred = clf.predict(X[64:])
+    np.testing.assert_array_equal(pred, (proba > 0.5).astype(int))
+    assert (pred == Y[64:]).mean() > 0.75  # per-label chance is 0.5
+    with pytest.raises(ValueError, match="class_weight"):
+        clone(clf).set_params(class_weight="balanced").fit(X[:8], Y[:8])
+
+
+def test_grid_search_over_phi_and_lr(small_data):
+    X, y = small_data
+    grid = GridSearchCV(
+        EfficientNetClassifier(**{**SMALL, "batch_size": 16}),
+        [{"phi": [0, 0.5]}, {"lr": [1e-3, 1e-2]}],
+        cv=2,
+    ).fit(X, y)
+    assert [p for p in grid.cv_results_["params"]] == [{"phi": 0}, {"phi": 0.5}, {"lr": 1e-3}, {"lr": 1e-2}]
+    assert np.isfinite(grid.cv_results_["mean_test_score"]).all()
+    assert grid.best_estimator_.predict(X[:3]).shape == (3,)
+
+
+def test_cuda_out_of_memory_names_batch_size(small_data, monkeypatch):
+    def out_of_memory(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+
+    monkeypatch.setattr(EfficientNet, "forward", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"batch_size=8.*smaller batch_size"):
+        EfficientNetClassifier(**SMALL).fit(*small_data)
+
+
+def _png(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_input_errors_name_what_and_where(small_data, fitted, data):
+    X, y = small_data
+    clf = EfficientNetClassifier(**SMALL)
+    with pytest.raises(ValueError, match="32 images but y has 31"):
+        clf.fit(X, y[:31])
+    with pytest.raises(ValueError, match="single class"):
+        clf.fit(X, np.zeros(32, dtype=int))
+    with pytest.raises(ValueError, match="NaN.*index 3"):
+        clf.fit(X, np.r_[0.0, 1.0, 0.0, np.nan, np.zeros(28)])
+    with pytest.raises(ValueError, match="EfficientNetRegressor"):
+        clf.fit(X, np.linspace(0, 1, 32))
+    with pytest.raises(ValueError, match="sample_weight"):
+        clf.fit(X, y, sample_weight=np.r_[-1.0, np.ones(31)])
+    with pytest.raises(ValueError, match="augment"):
+        clone(clf).set_params(augment="heavy").fit(X, y)
+    _, _, Xt, yt = data
+    with pytest.raises(ValueError, match=r"not seen during fit: \['purple'\] \(first at index 2\)"):
+        fitted.score(Xt[:4], np.array(["red", "blue", "purple", "red"]))
+
+    images = [_png(a) for a in X[:12]]
+    images[7] = b"not an image"
+    with pytest.raises(ImageLoadError, match="image 7"):
+        EfficientNetClassifier(**{**SMALL, "early_stopping": True, "validation_fraction": 0.25, "batch_size": 4}).fit(images, y[:12] % 2)
+    with pytest.raises(ImageLoadError, match="image 1"):
+        fitted.predict([_png(Xt[0]), b"\x89PNG broken"])
+
+
+def test_loader_workers_keep_fits_reproducible(small_data):
+    X, y = small_data
+    params = {**SMALL, "num_workers": 2, "max_epochs": 2, "augment": "randaugment"}
+    first = EfficientNetClassifier(**params).fit(X, y).predict_proba(X[:8])
+    second = EfficientNetClassifier(**params).fit(X, y).predict_proba(X[:8])
+    np.testing.assert_array_equal(first, second)

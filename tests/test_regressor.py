@@ -1,0 +1,67 @@
+"""EfficientNetRegressor: one and several targets on different scales, R^2, persistence, bad input."""
+
+import pickle
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.metrics import r2_score
+from synthetic import channel_mix_images
+
+from effsk.estimators import EfficientNetRegressor
+
+SMALL = dict(weights=None, resolution=32, max_epochs=1, batch_size=8, early_stopping=False, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, levels = channel_mix_images(128, seed=0)
+    Xt, levels_t = channel_mix_images(40, seed=1)
+    scales = np.array([1.0, 1000.0, 0.01])
+    offsets = np.array([0.0, -5000.0, 3.0])
+    return X, levels * scales + offsets, Xt, levels_t * scales + offsets
+
+
+def test_several_targets_on_different_scales_are_learned(data):
+    X, Y, Xt, Yt = data
+    reg = EfficientNetRegressor(
+        weights=None, resolution=32, max_epochs=5, batch_size=16, lr=3e-3, drop_rate=0.0, drop_path_rate=0.0,
+        early_stopping=False, random_state=0,
+    ).fit(X, Y)
+    np.testing.assert_allclose(reg.target_mean_, Y.mean(axis=0))
+    np.testing.assert_allclose(reg.target_scale_, Y.std(axis=0))
+    pred = reg.predict(Xt)
+    assert pred.shape == (40, 3)
+    per_target = r2_score(Yt, pred, multioutput="raw_values")
+    assert (per_target > 0.3).all(), per_target  # predicting the mean scores 0
+    assert reg.score(Xt, Yt) == pytest.approx(r2_score(Yt, pred))
+    assert [r["train_loss"] for r in reg.history_][-1] < 0.5  # standardised MSE; the mean scores 1
+
+
+def test_single_target_shape_persistence_and_warm_start(data):
+    X, Y, Xt, _ = data
+    y = Y[:32, 1]
+    reg = EfficientNetRegressor(**SMALL).fit(X[:32], y)
+    assert reg.n_outputs_ == 1 and reg.predict(Xt[:5]).shape == (5,)
+    restored = pickle.loads(pickle.dumps(reg))
+    np.testing.assert_array_equal(restored.predict(Xt), reg.predict(Xt))
+    again = clone(reg).fit(X[:32], y)
+    np.testing.assert_array_equal(again.predict(Xt), reg.predict(Xt))
+    restored.set_params(warm_start=True).fit(X[:32], y)
+    assert len(restored.history_) == 2 and restored.target_mean_ == pytest.approx(reg.target_mean_)
+    assert not np.array_equal(restored.predict(Xt), reg.predict(Xt))
+
+
+def test_regressor_bad_input(data):
+    X, Y, _, _ = data
+    reg = EfficientNetRegressor(**SMALL)
+    y = Y[:16, 0].copy()
+    y[5] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite targets.*index 5"):
+        reg.fit(X[:16], y)
+    with pytest.raises(ValueError, match="same length"):
+        reg.fit(X[:16], Y[:15])
+    with pytest.raises(ValueError, match="numeric"):
+        reg.fit(X[:4], ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="1-D or 2-D"):
+        reg.fit(X[:4], np.zeros((4, 2, 2)))
