@@ -142,11 +142,13 @@ def _unreadable(path: str, exc: Exception) -> CheckpointError:
 
 def architecture(model) -> dict:
     """The config that rebuilds ``model``: ``Scaling.as_dict()`` plus padding, classes and input channels."""
+    head = model.get_classifier()
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     return {
         **model.scaling.as_dict(),
-        "same_padding": bool(model.same_padding),
-        "num_classes": int(model.num_classes),
-        "in_chans": int(model.features[0][0].in_channels),
+        "same_padding": bool(getattr(model, "same_padding", False)),
+        "num_classes": int(head.out_features) if isinstance(head, torch.nn.Linear) else 0,
+        "in_chans": int(first_conv.in_channels),
     }
 
 
@@ -178,13 +180,13 @@ def _plain(value, where: str):
 
 
 def _unwrap(model):
-    """The EfficientNet inside DistributedDataParallel / torch.compile wrappers."""
-    from .nn import EfficientNet
+    """The effsk model (anything :func:`effsk.nn.build` makes) inside DDP / torch.compile wrappers."""
+    from .scaling import Scaling
 
-    while not isinstance(model, EfficientNet):
+    while not isinstance(getattr(model, "scaling", None), Scaling):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
-            raise TypeError(f"save_checkpoint needs an effsk EfficientNet, got {type(model).__name__}")
+            raise TypeError(f"save_checkpoint needs an effsk model (effsk.nn.build), got {type(model).__name__}")
         model = inner
     return model
 
@@ -229,8 +231,9 @@ def save_checkpoint(path, model, preprocessing: Preprocessing, *, classes=None, 
     if classes is not None:
         # list(), not np.asarray(): mixed labels such as [1, "a"] must not all become strings.
         classes = _plain(classes.tolist() if isinstance(classes, np.ndarray) else list(classes), "classes")
-        if len(classes) != model.num_classes:
-            raise ValueError(f"{len(classes)} class labels for a model with {model.num_classes} outputs")
+        outputs = architecture(model)["num_classes"]
+        if len(classes) != outputs:
+            raise ValueError(f"{len(classes)} class labels for a model with {outputs} outputs")
         if not all(isinstance(c, (str, int, float, bool)) for c in classes):
             raise TypeError("classes must be str, int, float or bool labels")
     payload = {

@@ -191,7 +191,7 @@ def _check_freeze(freeze) -> None:
 def apply_freeze(model: nn.Module, freeze: str | int) -> list[nn.Module]:
     """Set which parameters train; return the modules that must stay in eval mode while training.
 
-    ``"none"``: everything trains. ``"backbone"``: only ``model.classifier`` trains; the rest runs in
+    ``"none"``: everything trains. ``"backbone"``: only the head (``model.get_classifier()``) trains; the rest runs in
     eval mode (BatchNorm statistics frozen, no stochastic depth). int k: the stem and the first k
     stages (``features[0..k]``) are frozen the same way. ``"bn"``: every weight trains but all
     BatchNorm layers run in eval mode, so their running statistics stay as loaded.
@@ -210,9 +210,10 @@ def apply_freeze(model: nn.Module, freeze: str | int) -> list[nn.Module]:
     if freeze == "bn":
         return [m for m in model.modules() if isinstance(m, _BatchNorm)]
     if freeze == "backbone":
-        if not hasattr(model, "classifier"):
-            raise ValueError("freeze='backbone' needs a model with a `classifier` head")
-        frozen = [m for name, m in model.named_children() if name != "classifier"]
+        head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "classifier", None)
+        if head is None:
+            raise ValueError("freeze='backbone' needs a model with a head (`get_classifier()` or `classifier`)")
+        frozen = [m for m in model.children() if not any(sub is head for sub in m.modules())]
     else:
         features = getattr(model, "features", None)
         if features is None or freeze > len(features) - 2:

@@ -301,6 +301,7 @@ def build_model(
     phi,
     weights=None,
     *,
+    arch: str = "efficientnet",
     num_classes: int = 1000,
     scaling: str = "official",
     alpha: float | None = None,
@@ -327,6 +328,9 @@ def build_model(
         Classifier outputs; 0 gives a headless model (the file's classifier is skipped). When the
         weights' classifier has another class count, the backbone is loaded and the classifier is left
         freshly initialised (transfer learning).
+    arch : {"efficientnet", "resnet50", "mobilenet_v2", "mobilenet_v1"}, default="efficientnet"
+        The base network phi scales (see :func:`effsk.nn.build`). For the baselines, ``"imagenet"``
+        means torchvision's weights of the unscaled model (phi = 0).
     scaling, alpha, beta, gamma
         How ``phi`` resolves (see :func:`effsk.scaling.resolve`).
     drop_rate, drop_path_rate : float
@@ -360,7 +364,14 @@ def build_model(
     (1280, 224)
     """
     from .nn import EfficientNet
+    from .nn.registry import ARCHITECTURES
     from .preprocessing import Preprocessing, default_preprocessing
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch={arch!r} is not valid; use one of {tuple(ARCHITECTURES)}.")
+    if arch != "efficientnet":
+        return _build_baseline(arch, phi, weights, num_classes=num_classes, scaling=scaling, alpha=alpha,
+                               beta=beta, gamma=gamma, drop_rate=drop_rate, progress=progress)
 
     def make(config: Scaling, padding: bool, in_chans: int = 3):
         return EfficientNet(config, num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
@@ -386,6 +397,10 @@ def build_model(
     if is_checkpoint(payload):
         ckpt = validate_checkpoint(payload, path)
         arch = ckpt["arch"]
+        if arch.get("arch", "efficientnet") != "efficientnet":  # a baseline's checkpoint
+            return _build_baseline(arch["arch"] if phi is None else "efficientnet", phi, path,
+                                   num_classes=num_classes, scaling=scaling, alpha=alpha, beta=beta, gamma=gamma,
+                                   drop_rate=drop_rate, progress=progress)
         stored = Scaling.from_dict(arch)
         if requested is not None and _structure(requested) != _structure(stored):
             raise CheckpointError(
@@ -422,3 +437,79 @@ def build_model(
         preprocessing = default_preprocessing(requested)
     _load_into(model, state_dict, path)
     return model, preprocessing
+
+
+def _build_baseline(arch, phi, weights, *, num_classes, scaling, alpha, beta, gamma, drop_rate, progress):
+    """:func:`build_model` for the compound-scaled ResNet / MobileNet baselines (:mod:`effsk.nn`)."""
+    from .nn import build
+    from .preprocessing import Preprocessing, default_preprocessing
+
+    bases = {k: v for k, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)) if v is not None}
+    requested = None if phi is None else resolve(phi, scaling=scaling, arch=arch, **bases)
+
+    def make(config: Scaling):
+        return build(config.arch, config, num_classes=num_classes, drop_rate=drop_rate)
+
+    if weights is None:
+        if requested is None:
+            raise ValueError("phi=None is only allowed with weights=<effsk checkpoint path>")
+        return make(requested), default_preprocessing(requested)
+    path = _resolve_path(weights)
+    if path is None:
+        if requested is None or requested.phi != 0 or arch == "mobilenet_v1":
+            raise ValueError(
+                f"weights='imagenet': published ImageNet weights exist for arch={arch!r} only at phi=0 "
+                f"(torchvision's {arch})" if arch != "mobilenet_v1" else
+                "weights='imagenet': torchvision publishes no MobileNetV1 weights; use weights=None or a checkpoint"
+            )
+        tv = get_model_weights(arch).IMAGENET1K_V1
+        path = imagenet_weights_file(tv, progress=progress)
+        model = make(requested)
+        _load_matching(model, _state_dict(read_weights_file(path), path), path)
+        return model, Preprocessing.from_torchvision(tv)
+    payload = read_weights_file(path)
+    if is_checkpoint(payload):
+        ckpt = validate_checkpoint(payload, path)
+        stored = Scaling.from_dict(ckpt["arch"])
+        same = requested is not None and (requested.arch, round(requested.width, 6), round(requested.depth, 6)) == (
+            stored.arch, round(stored.width, 6), round(stored.depth, 6))
+        if (phi is not None and not same) or (phi is None and arch != "efficientnet" and stored.arch != arch):
+            raise CheckpointError(
+                f"checkpoint {path!r} holds {stored.arch} at phi={stored.phi:g} (width {stored.width:.4g}, depth "
+                f"{stored.depth:.4g}), but arch={arch!r}, phi={phi!r} was requested; pass arch={stored.arch!r} "
+                "and phi=None (the checkpoint's own) or another checkpoint"
+            )
+        model = make(stored)
+        _load_matching(model, ckpt["state_dict"], path)
+        return model, Preprocessing.from_dict(ckpt["preprocessing"])
+    if requested is None:
+        raise ValueError(f"phi=None needs an effsk checkpoint, but {path!r} is a plain state_dict; pass phi")
+    model = make(requested)
+    _load_matching(model, _state_dict(payload, path), path)
+    return model, default_preprocessing(requested)
+
+
+def _load_matching(model, state_dict: dict, source: str) -> None:
+    """Load a baseline's backbone exactly; its head only when the class count matches."""
+    head = model.get_classifier()
+    prefix = next(name for name, module in model.named_modules() if module is head) + "."
+    expected = model.state_dict()
+    backbone = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+    wanted = {k: v for k, v in expected.items() if not k.startswith(prefix)}
+    missing = [k for k in wanted if k not in backbone]
+    extra = [k for k in backbone if k not in wanted]
+    wrong = [k for k in wanted if k in backbone and backbone[k].shape != wanted[k].shape]
+    if missing or wrong or extra:
+        first = (f"{wrong[0]} has shape {tuple(backbone[wrong[0]].shape)}, expected {tuple(wanted[wrong[0]].shape)}"
+                 if wrong else f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
+        raise CheckpointError(
+            f"weights {source!r} do not fit {model.scaling.arch} at phi={model.scaling.phi:g}: {first}. "
+            "Pass the arch and phi the weights were trained for, or other weights."
+        )
+    file_head = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+    model_head = {k: v for k, v in expected.items() if k.startswith(prefix)}
+    if model_head and file_head.keys() == model_head.keys() and all(
+        v.shape == model_head[k].shape for k, v in file_head.items()
+    ):
+        backbone.update(file_head)
+    model.load_state_dict(backbone, strict=False)

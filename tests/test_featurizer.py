@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from effsk import EfficientNetFeaturizer
-from effsk.estimators import _base
+import effsk.weights
 from effsk.images import ImageLoadError, ImageLoadWarning
 from effsk.weights import build_model
 
@@ -61,7 +61,7 @@ def assert_close_scaled(actual, expected, tol):
 
 @pytest.fixture(autouse=True)
 def _calibrated_models(monkeypatch):
-    monkeypatch.setattr(_base, "build_model", _calibrated_build_model)
+    monkeypatch.setattr(effsk.weights, "build_model", _calibrated_build_model)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def _featurizer(**params):
 @pytest.fixture(scope="module")
 def fitted():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_base, "build_model", _calibrated_build_model)
+        mp.setattr(effsk.weights, "build_model", _calibrated_build_model)
         return _featurizer().fit()
 
 
@@ -317,7 +317,7 @@ def test_column_transformer_on_images_and_numbers(fitted, paths):
 
 
 def test_pipeline_grid_search_over_phi_and_cross_val_score(photos, monkeypatch):
-    monkeypatch.setattr(_base, "build_model", build_model)  # plain random init is enough here
+    monkeypatch.setattr(effsk.weights, "build_model", build_model)  # plain random init is enough here
     X = [p[:32, :32] for p in photos] * 2
     y = np.array([0, 1] * N_IMAGES)
     pipe = Pipeline([("feat", _featurizer().set_params(resolution=32)), ("clf", LogisticRegression(max_iter=200))])
@@ -329,7 +329,7 @@ def test_pipeline_grid_search_over_phi_and_cross_val_score(photos, monkeypatch):
 
 
 def test_phi_scaling_and_compound_bases_reach_the_model(monkeypatch):
-    monkeypatch.setattr(_base, "build_model", build_model)
+    monkeypatch.setattr(effsk.weights, "build_model", build_model)
     featurizer = _featurizer(scaling="compound", gamma=1.2).set_params(phi=1).fit()
     assert featurizer.scaling_.mode == "compound" and featurizer.scaling_.resolution == 269
     assert featurizer.get_feature_names_out()[0] == "effsk_phi1_avg_0"

@@ -8,9 +8,10 @@ from numbers import Integral, Real
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
+from ..nn.registry import ARCHITECTURES
 from ..runtime import PRECISIONS, resolve_device, resolve_precision
 from ..scaling import SCALING_MODES, Scaling
-from ..weights import build_model
+from .. import weights as _weights
 
 __all__ = [
     "MODEL_PARAMETER_CONSTRAINTS",
@@ -20,14 +21,16 @@ __all__ = [
 ]
 
 #: Parameters that define the network: ``phi`` (a published name, a number >= 0 or a Scaling),
-#: ``weights``, and the compound rule (``scaling``, ``alpha``, ``beta``, ``gamma``).
+#: ``arch``, ``weights``, and the compound rule (``scaling``, ``alpha``, ``beta``, ``gamma``; ``None``
+#: means the arch's own bases).
 MODEL_PARAMETER_CONSTRAINTS = {
     "phi": [str, Interval(Real, 0, None, closed="left"), Scaling],
+    "arch": [StrOptions(set(ARCHITECTURES))],
     "weights": [None, str, os.PathLike],
     "scaling": [StrOptions(set(SCALING_MODES))],
-    "alpha": [Interval(Real, 1, None, closed="left")],
-    "beta": [Interval(Real, 1, None, closed="left")],
-    "gamma": [Interval(Real, 1, None, closed="left")],
+    "alpha": [Interval(Real, 1, None, closed="left"), None],
+    "beta": [Interval(Real, 1, None, closed="left"), None],
+    "gamma": [Interval(Real, 1, None, closed="left"), None],
 }
 
 #: Parameters that only say where and how the network runs.
@@ -43,9 +46,11 @@ RUNTIME_PARAMETER_CONSTRAINTS = {
 def build_estimator_model(estimator, *, num_classes: int = 0, **kwargs):
     """``(model, preprocessing)`` for an estimator's ``phi``, ``weights``, ``scaling``, ``alpha``,
     ``beta`` and ``gamma``, through the one seam :func:`effsk.weights.build_model`."""
-    return build_model(
+    # through the module attribute, so that tests (and users) may substitute the builder
+    return _weights.build_model(
         estimator.phi,
         estimator.weights,
+        arch=estimator.arch,
         num_classes=num_classes,
         scaling=estimator.scaling,
         alpha=estimator.alpha,

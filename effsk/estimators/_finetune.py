@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from numbers import Integral, Real
 
 import numpy as np
@@ -20,12 +19,12 @@ from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from .. import weights as _weights
 from ..augment import AUGMENT_PRESETS, train_transform
 from ..images import ImageLoadError, eval_transform, make_loader, num_images
 from ..optim import OPTIMIZERS
 from ..runtime import PRECISIONS, resolve_device, resolve_precision
 from ..training import FREEZE_MODES, TrainConfig, Trainer, evaluate
+from ._base import MODEL_PARAMETER_CONSTRAINTS, build_estimator_model
 
 __all__ = ["FineTuneEstimator"]
 
@@ -63,12 +62,7 @@ class FineTuneEstimator(BaseEstimator):
     handling: ``_prepare_targets``, ``_per_sample_loss``, ``_validation_score``."""
 
     _parameter_constraints: dict = {
-        "phi": [str, Interval(Real, 0, None, closed="left")],
-        "weights": [str, os.PathLike, None],
-        "scaling": [StrOptions({"official", "compound"})],
-        "alpha": [Interval(Real, 1, None, closed="left")],
-        "beta": [Interval(Real, 1, None, closed="left")],
-        "gamma": [Interval(Real, 1, None, closed="left")],
+        **MODEL_PARAMETER_CONSTRAINTS,
         "resolution": [Interval(Integral, 8, None, closed="left"), None],
         "freeze": [StrOptions({"auto", *FREEZE_MODES}), Interval(Integral, 0, None, closed="left")],
         "head_epochs": [Interval(Integral, 0, None, closed="left")],
@@ -118,7 +112,7 @@ class FineTuneEstimator(BaseEstimator):
         # training mean for regression, instead of large random logits that jolt a pretrained body.
         # (ImageNet weights keep their own head only for 1000 outputs; a checkpoint path may keep its.)
         if self.weights is None or (self.weights == "imagenet" and n_outputs != 1000):
-            head = model.classifier[-1]
+            head = model.get_classifier()
             torch.nn.init.zeros_(head.weight)
             torch.nn.init.zeros_(head.bias)
 
@@ -167,17 +161,10 @@ class FineTuneEstimator(BaseEstimator):
         return self
 
     def _build(self, n_outputs: int) -> None:
-        build_kwargs = dict(
-            num_classes=n_outputs,
-            scaling=self.scaling,
-            alpha=self.alpha,
-            beta=self.beta,
-            gamma=self.gamma,
-            drop_rate=self.drop_rate,
-        )
+        build_kwargs = dict(drop_rate=self.drop_rate)
         if self.drop_path_rate is not None:
             build_kwargs["drop_path_rate"] = self.drop_path_rate
-        model, preprocessing = _weights.build_model(self.phi, self.weights, **build_kwargs)
+        model, preprocessing = build_estimator_model(self, num_classes=n_outputs, **build_kwargs)
         self._init_head(model, n_outputs)
         if self.resolution is not None:
             preprocessing = preprocessing.with_resolution(self.resolution)

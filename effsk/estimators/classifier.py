@@ -30,7 +30,10 @@ class EfficientNetClassifier(ClassifierMixin, FineTuneEstimator):
         ``None``: random initialisation.
     scaling : {"official", "compound"}, default="official"
         How a numeric phi resolves (see :func:`effsk.scaling.resolve`).
-    alpha, beta, gamma : float, default=1.2, 1.1, 1.15
+    arch : {"efficientnet", "resnet50", "mobilenet_v2", "mobilenet_v1"}, default="efficientnet"
+        The network phi scales; the compound-scaled baselines of paper Table 3 are built the same way.
+    alpha, beta, gamma : float, default=None
+        Compound bases; ``None`` uses the arch's own (EfficientNet: 1.2, 1.1, 1.15).
         Compound-scaling bases (used with ``scaling="compound"``).
     resolution : int, optional
         Train and predict at this crop size instead of the variant's.
@@ -115,10 +118,11 @@ class EfficientNetClassifier(ClassifierMixin, FineTuneEstimator):
         phi="b0",
         *,
         weights="imagenet",
+        arch="efficientnet",
         scaling="official",
-        alpha=1.2,
-        beta=1.1,
-        gamma=1.15,
+        alpha=None,
+        beta=None,
+        gamma=None,
         resolution=None,
         freeze="auto",
         head_epochs=1,
@@ -145,6 +149,7 @@ class EfficientNetClassifier(ClassifierMixin, FineTuneEstimator):
         self.phi = phi
         self.weights = weights
         self.scaling = scaling
+        self.arch = arch
         self.alpha = alpha
         self.beta = beta
         self.gamma = gamma

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from ..cache import open_feature_cache, weights_identity
 from ..images import ON_ERROR, ImageLoadWarning, _items, item_digest, make_loader, num_images
 from ..runtime import autocast
-from ..scaling import ALPHA, BETA, GAMMA
 from ._base import MODEL_PARAMETER_CONSTRAINTS, RUNTIME_PARAMETER_CONSTRAINTS, build_estimator_model, resolve_runtime
 
 __all__ = ["EfficientNetFeaturizer", "POOLINGS"]
@@ -78,7 +77,10 @@ class EfficientNetFeaturizer(TransformerMixin, BaseEstimator):
         Published ImageNet weights, random initialisation (``None``), or a checkpoint file.
     scaling : {"official", "compound"}, default="official"
         How a numeric phi becomes width, depth and resolution.
-    alpha, beta, gamma : float, default=1.2, 1.1, 1.15
+    arch : {"efficientnet", "resnet50", "mobilenet_v2", "mobilenet_v1"}, default="efficientnet"
+        The network phi scales; the compound-scaled baselines of paper Table 3 are built the same way.
+    alpha, beta, gamma : float, default=None
+        Compound bases; ``None`` uses the arch's own (EfficientNet: 1.2, 1.1, 1.15).
         Depth, width and resolution bases of the compound rule.
     pooling : {"avg", "max", "avgmax", "gem"}, default="avg"
         Global pooling of each feature map; ``"avgmax"`` is the mean of average and max pooling,
@@ -145,10 +147,11 @@ class EfficientNetFeaturizer(TransformerMixin, BaseEstimator):
         phi="b0",
         *,
         weights="imagenet",
+        arch="efficientnet",
         scaling="official",
-        alpha=ALPHA,
-        beta=BETA,
-        gamma=GAMMA,
+        alpha=None,
+        beta=None,
+        gamma=None,
         pooling="avg",
         layers=None,
         resolution=None,
@@ -163,6 +166,7 @@ class EfficientNetFeaturizer(TransformerMixin, BaseEstimator):
         self.phi = phi
         self.weights = weights
         self.scaling = scaling
+        self.arch = arch
         self.alpha = alpha
         self.beta = beta
         self.gamma = gamma

@@ -53,10 +53,11 @@ early_stopping, patience, device, precision, num_workers, random_state, verbose,
         phi="b0",
         *,
         weights="imagenet",
+        arch="efficientnet",
         scaling="official",
-        alpha=1.2,
-        beta=1.1,
-        gamma=1.15,
+        alpha=None,
+        beta=None,
+        gamma=None,
         resolution=None,
         freeze="auto",
         head_epochs=1,
@@ -81,6 +82,7 @@ early_stopping, patience, device, precision, num_workers, random_state, verbose,
         self.phi = phi
         self.weights = weights
         self.scaling = scaling
+        self.arch = arch
         self.alpha = alpha
         self.beta = beta
         self.gamma = gamma

@@ -122,6 +122,10 @@ class EfficientNet(nn.Module):
         nn.init.uniform_(m.weight, -bound, bound)
         nn.init.zeros_(m.bias)
 
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (``nn.Identity`` when ``num_classes=0``)."""
+        return self.classifier[1]
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one of ``num_classes`` outputs."""
         device = next(self.parameters()).device

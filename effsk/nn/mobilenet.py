@@ -69,6 +69,10 @@ class _MobileNet(StagedModel):
         nn.init.zeros_(fc.bias)
         return fc
 
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (``nn.Identity`` when ``num_classes=0``)."""
+        return self.classifier[1]
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one of ``num_classes`` outputs."""
         device = next(self.parameters()).device

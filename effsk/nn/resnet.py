@@ -84,6 +84,10 @@ class ResNet(StagedModel):
         # torchvision keeps nn.Linear's default initialisation for the ResNet classifier.
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (``nn.Identity`` when ``num_classes=0``)."""
+        return self.fc
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one of ``num_classes`` outputs."""
         device = next(self.parameters()).device
