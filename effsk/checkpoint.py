@@ -21,12 +21,12 @@ import numbers
 import os
 import pickle
 import re
-import uuid
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
+from .fileio import atomic_torch_save
 from .preprocessing import Preprocessing
 from .scaling import Scaling
 
@@ -51,45 +51,6 @@ _ARCH_FIELDS = tuple(Scaling.__dataclass_fields__) + ("same_padding", "num_class
 
 class CheckpointError(ValueError):
     """A weights file that cannot be used: unreadable, unsafe, not a checkpoint, or for another model."""
-
-
-def atomic_torch_save(obj, path) -> str:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``.
-
-    Writes a temporary file in the same directory, fsyncs it, then ``os.replace``-s it into place, so
-    readers see either the old file or the complete new one. Returns the path written.
-    """
-    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    # os.open with mode 0o666 honours the umask, unlike mkstemp's owner-only 0o600.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_directory(directory)
-    return path
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 _REFUSED = re.compile(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\n\n|$)", re.S)

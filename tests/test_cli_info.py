@@ -1,7 +1,6 @@
 import json
 
 import pandas as pd
-import pytest
 
 from effsk.cli import main
 

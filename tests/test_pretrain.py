@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 
-from effsk import cli, distributed
+from effsk import cli
 from effsk.checkpoint import load_checkpoint
 from effsk.distributed import ResumableDistributedSampler, ShardSampler
 from effsk.pretrain import CHECKPOINT_FILE, RECIPES, STATE_FILE, Recipe, get_recipe, load_images, pretrain
