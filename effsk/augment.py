@@ -1,0 +1,51 @@
+"""Train-time transforms: decoded RGB uint8 ``(3, H, W)`` -> normalised float32 ``(3, crop, crop)``.
+
+Presets, all torchvision.transforms.v2:
+
+- ``"none"``: the model's eval transform (resize shorter side, centre crop), nothing random.
+- ``"light"``: random resized crop (scale 0.5-1) and horizontal flip.
+- ``"randaugment"``: random resized crop (scale 0.08-1), flip, RandAugment (2 ops, magnitude 9).
+- ``"autoaugment"``: random resized crop (scale 0.08-1), flip, AutoAugment's ImageNet policy (the paper's).
+
+Randomness comes from torch's global generator (each DataLoader worker's own when ``num_workers > 0``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from .images import eval_transform
+
+__all__ = ["AUGMENT_PRESETS", "train_transform"]
+
+AUGMENT_PRESETS = ("none", "light", "randaugment", "autoaugment")
+
+
+def train_transform(preprocessing, augment: str = "light") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The training transform for ``preprocessing`` (a :class:`~effsk.preprocessing.Preprocessing`).
+
+    >>> from effsk.preprocessing import Preprocessing
+    >>> t = train_transform(Preprocessing(crop_size=32, resize_size=36), "randaugment")
+    >>> out = t(torch.zeros(3, 50, 40, dtype=torch.uint8))
+    >>> out.shape, out.dtype
+    (torch.Size([3, 32, 32]), torch.float32)
+    """
+    if augment not in AUGMENT_PRESETS:
+        raise ValueError(f"augment={augment!r}; use one of {AUGMENT_PRESETS}")
+    if augment == "none":
+        return eval_transform(preprocessing)
+    interpolation = InterpolationMode(preprocessing.interpolation)
+    scale = (0.5, 1.0) if augment == "light" else (0.08, 1.0)
+    steps = [
+        v2.RandomResizedCrop(preprocessing.crop_size, scale=scale, interpolation=interpolation, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    if augment == "randaugment":
+        steps.append(v2.RandAugment(num_ops=2, magnitude=9, interpolation=InterpolationMode.BILINEAR))
+    elif augment == "autoaugment":
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=InterpolationMode.BILINEAR))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(preprocessing.mean, preprocessing.std)]
+    return v2.Compose(steps)

@@ -1,0 +1,384 @@
+"""Fine-tuning estimators' shared machinery: data split, loaders, phases, persistence.
+
+:class:`EfficientNetClassifier` and :class:`EfficientNetRegressor` differ only in how targets become
+network outputs and losses; everything else (model building, freezing schedule, the training loop,
+reproducibility, pickling) lives here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.model_selection import train_test_split
+from sklearn.utils import _safe_indexing, check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from .. import weights as _weights
+from ..augment import AUGMENT_PRESETS, train_transform
+from ..images import ImageLoadError, eval_transform, make_loader, num_images
+from ..optim import OPTIMIZERS
+from ..runtime import PRECISIONS, resolve_device, resolve_precision
+from ..training import FREEZE_MODES, TrainConfig, Trainer, evaluate
+
+__all__ = ["FineTuneEstimator"]
+
+# Training batches used to recompute BatchNorm statistics before each validation ("precise BN"):
+# on short fine-tuning runs the running averages lag the weights and spoil eval-mode predictions.
+PRECISE_BN_BATCHES = 64
+
+
+class IndexedLoss:
+    """Loss over a batch of item positions: looks up targets and sample weights, averages the
+    per-sample loss weighted as ``sum(w * loss) / sum(w)`` (torch's and scikit-learn's convention,
+    so weight 2 counts an item twice)."""
+
+    def __init__(self, per_sample, targets: torch.Tensor, weights: torch.Tensor):
+        self.per_sample = per_sample
+        self._tables = {torch.device("cpu"): (targets, weights)}
+
+    def _on(self, device: torch.device):
+        if device not in self._tables:
+            targets, weights = self._tables[torch.device("cpu")]
+            self._tables[device] = (targets.to(device), weights.to(device))
+        return self._tables[device]
+
+    def lookup(self, index: torch.Tensor):
+        return self._on(index.device)[0][index], self._on(index.device)[1][index]
+
+    def __call__(self, outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        targets, weights = self.lookup(index)
+        losses = self.per_sample(outputs.float(), targets)
+        return (losses * weights).sum() / weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+class FineTuneEstimator(BaseEstimator):
+    """Shared base of the fine-tuning estimators (not public). Subclasses define the target
+    handling: ``_prepare_targets``, ``_per_sample_loss``, ``_validation_score``."""
+
+    _parameter_constraints: dict = {
+        "phi": [str, Interval(Real, 0, None, closed="left")],
+        "weights": [str, os.PathLike, None],
+        "scaling": [StrOptions({"official", "compound"})],
+        "alpha": [Interval(Real, 1, None, closed="left")],
+        "beta": [Interval(Real, 1, None, closed="left")],
+        "gamma": [Interval(Real, 1, None, closed="left")],
+        "resolution": [Interval(Integral, 8, None, closed="left"), None],
+        "freeze": [StrOptions({"auto", *FREEZE_MODES}), Interval(Integral, 0, None, closed="left")],
+        "head_epochs": [Interval(Integral, 0, None, closed="left")],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 2, None, closed="left")],
+        "optimizer": [StrOptions(set(OPTIMIZERS))],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "augment": [StrOptions(set(AUGMENT_PRESETS))],
+        "drop_rate": [Interval(Real, 0, 1, closed="left"), None],
+        "drop_path_rate": [Interval(Real, 0, 1, closed="left"), None],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "early_stopping": ["boolean"],
+        "patience": [Interval(Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+        "precision": [StrOptions(set(PRECISIONS))],
+        "num_workers": [Interval(Integral, 0, None, closed="left")],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        "warm_start": ["boolean"],
+    }
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False  # X holds images, not a feature matrix
+        tags.target_tags.required = True
+        return tags
+
+    # -- subclass hooks ---------------------------------------------------------------------------
+
+    def _prepare_targets(self, y, n: int, warm: bool):
+        """Validate ``y``; return ``(targets tensor for the loss, stratification labels or None,
+        number of network outputs)`` and set the target-describing fitted attributes."""
+        raise NotImplementedError
+
+    def _per_sample_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _validation_score(self, outputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> float:
+        raise NotImplementedError
+
+    def _loss_weights(self, y, sample_weight, n: int) -> np.ndarray:
+        return _check_sample_weight(sample_weight, n)
+
+    def _init_head(self, model, n_outputs: int) -> None:
+        # A fresh head starts at zero (as Big Transfer does): uniform class probabilities, or the
+        # training mean for regression, instead of large random logits that jolt a pretrained body.
+        # (ImageNet weights keep their own head only for 1000 outputs; a checkpoint path may keep its.)
+        if self.weights is None or (self.weights == "imagenet" and n_outputs != 1000):
+            head = model.classifier[-1]
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
+
+    # -- fit ----------------------------------------------------------------------------------------
+
+    def fit(self, X, y, sample_weight=None):
+        """Fine-tune on images ``X`` and targets ``y``.
+
+        Parameters
+        ----------
+        X : images
+            Any input :mod:`effsk.images` accepts: paths, encoded bytes, PIL images, arrays, an
+            (N,H,W,C) array or an (N,C,H,W) tensor.
+        y : array-like
+            Targets, one per image.
+        sample_weight : array-like of shape (n_samples,), optional
+            Per-image loss weights.
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        n = num_images(X)
+        if n < 2:
+            raise ValueError(f"X has {n} image(s); fitting needs at least 2")
+        y_len = _num_targets(y)
+        if y_len != n:
+            raise ValueError(f"X has {n} images but y has {y_len} targets; they must have the same length")
+        warm = self.warm_start and hasattr(self, "model_")
+        targets, stratify, n_outputs = self._prepare_targets(y, n, warm)
+        weights = torch.as_tensor(self._loss_weights(y, sample_weight, n), dtype=torch.float32)
+
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        device = resolve_device(self.device)
+        with _forked_rng(device):
+            torch.manual_seed(seed)
+            if not warm:
+                self._build(n_outputs)
+                self.history_ = []
+            train_idx, val_idx = self._split(n, stratify, seed)
+            self._check_weights(weights, train_idx)
+            loss = IndexedLoss(self._per_sample_loss, targets, weights)
+            metric = _IndexedMetric(self._validation_score, loss)
+            self._train(X, train_idx, val_idx, loss, metric, seed, device, warm)
+        return self
+
+    def _build(self, n_outputs: int) -> None:
+        build_kwargs = dict(
+            num_classes=n_outputs,
+            scaling=self.scaling,
+            alpha=self.alpha,
+            beta=self.beta,
+            gamma=self.gamma,
+            drop_rate=self.drop_rate,
+        )
+        if self.drop_path_rate is not None:
+            build_kwargs["drop_path_rate"] = self.drop_path_rate
+        model, preprocessing = _weights.build_model(self.phi, self.weights, **build_kwargs)
+        self._init_head(model, n_outputs)
+        if self.resolution is not None:
+            preprocessing = preprocessing.with_resolution(self.resolution)
+        self.model_ = model
+        self.preprocessing_ = preprocessing
+        self._model_config = {"phi": self.phi, **build_kwargs}
+
+    def _split(self, n: int, stratify, seed: int):
+        positions = np.arange(n)
+        if not self.early_stopping:
+            return positions, None
+        try:
+            train_idx, val_idx = train_test_split(
+                positions, test_size=self.validation_fraction, stratify=stratify, random_state=seed % (2**32)
+            )
+        except ValueError as exc:
+            how = " stratified by class" if stratify is not None else ""
+            raise ValueError(
+                f"cannot hold out validation_fraction={self.validation_fraction} of {n} images{how} for early "
+                f"stopping: {exc} Use more images, a larger validation_fraction, or early_stopping=False."
+            ) from None
+        if len(train_idx) < 2:
+            raise ValueError(f"only {len(train_idx)} image(s) left for training after the validation split")
+        return np.sort(train_idx), np.sort(val_idx)
+
+    @staticmethod
+    def _check_weights(weights: torch.Tensor, train_idx: np.ndarray) -> None:
+        if not weights[torch.as_tensor(train_idx)].sum() > 0:
+            raise ValueError("the sample weights of the training images sum to zero")
+
+    def _freeze_schedule(self, warm: bool) -> list[tuple[str, str | int, int]]:
+        """``(phase, freeze mode, epochs)`` pairs: the head alone first when starting from
+        pretrained weights, then the chosen mode (fastai's fine_tune idea)."""
+        pretrained = self.weights is not None
+        freeze = self.freeze
+        if freeze == "auto":
+            freeze = "none"
+        head = 0
+        if pretrained and not warm and freeze != "backbone":
+            head = min(self.head_epochs, self.max_epochs)
+        phases = [("head", "backbone", head), ("train", freeze, self.max_epochs - head)]
+        return [p for p in phases if p[2] > 0]
+
+    def _train(self, X, train_idx, val_idx, loss, metric, seed, device, warm) -> None:
+        batch_size = min(self.batch_size, len(train_idx))
+        pin = device.type == "cuda"
+        generator = torch.Generator().manual_seed(seed)
+        train_loader = _Renumbered(make_loader(
+            _safe_indexing(X, train_idx),
+            self.preprocessing_,
+            transform=train_transform(self.preprocessing_, self.augment),
+            targets=train_idx,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            generator=generator,
+            # BatchNorm cannot train on a batch of one image
+            drop_last=len(train_idx) % batch_size == 1,
+        ), train_idx)
+        val_loader = None
+        if val_idx is not None:
+            val_loader = _Renumbered(make_loader(
+                _safe_indexing(X, val_idx),
+                self.preprocessing_,
+                transform=eval_transform(self.preprocessing_),
+                targets=val_idx,
+                batch_size=batch_size,
+                num_workers=self.num_workers,
+                pin_memory=pin,
+            ), val_idx)
+        for phase, freeze, epochs in self._freeze_schedule(warm):
+            config = TrainConfig(
+                max_epochs=epochs,
+                optimizer=self.optimizer,
+                lr=self.lr,
+                weight_decay=self.weight_decay,
+                schedule="cosine",
+                warmup_epochs=min(1.0, epochs / 10),
+                freeze=freeze,
+                precise_bn_batches=PRECISE_BN_BATCHES,
+                early_stopping=self.early_stopping and phase == "train",
+                patience=self.patience,
+                device=device,
+                precision=self.precision,
+                seed=seed + len(self.history_),
+                verbose=self.verbose,
+            )
+            trainer = Trainer(self.model_, train_loader, val_loader, config, loss_fn=loss, metric_fn=metric)
+            offset = len(self.history_)
+            for record in trainer.fit():
+                self.history_.append({**record, "epoch": offset + record["epoch"], "phase": phase})
+            self.best_epoch_ = offset + trainer.best_epoch
+        self.model_.eval()
+
+    # -- inference ------------------------------------------------------------------------------
+
+    def _forward(self, X) -> torch.Tensor:
+        """Network outputs for ``X`` as float32 on the CPU."""
+        check_is_fitted(self, "model_")
+        device = resolve_device(self.device)
+        channels_last = device.type == "cuda"
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.model_.to(device, memory_format=memory_format)
+        loader = make_loader(
+            X,
+            self.preprocessing_,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        outputs, _ = evaluate(
+            self.model_,
+            loader,
+            device=device,
+            amp_dtype=resolve_precision(self.precision, device),
+            channels_last=channels_last,
+            progress=bool(self.verbose),
+        )
+        return outputs
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "model_" in state:
+            # Weights travel as CPU tensors, so a model fitted on a GPU unpickles anywhere.
+            state["model_"] = {k: v.detach().to("cpu", copy=True) for k, v in self.model_.state_dict().items()}
+        return state
+
+    def __setstate__(self, state):
+        weights = state.get("model_")
+        super().__setstate__(state)
+        if isinstance(weights, dict):
+            config = dict(self._model_config)
+            with torch.random.fork_rng(devices=[]):  # building must not move the caller's RNG
+                model, _ = _weights.build_model(config.pop("phi"), None, **config)
+            model.load_state_dict(weights)
+            self.model_ = model.eval()
+
+
+class _IndexedMetric:
+    def __init__(self, score, loss: IndexedLoss):
+        self.score, self.loss = score, loss
+
+    def __call__(self, outputs: torch.Tensor, index: torch.Tensor) -> float:
+        targets, weights = self.loss.lookup(index)
+        return float(self.score(outputs, targets, weights))
+
+
+@contextlib.contextmanager
+def _forked_rng(device: torch.device):
+    """Seeded work inside leaves the caller's global RNG as it was."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+class _Renumbered:
+    """A loader over a subset of X whose decoding errors name the position in the caller's X."""
+
+    def __init__(self, loader, positions: np.ndarray):
+        self.loader, self.positions = loader, positions
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):  # sampler, generator, batch_size: the trainer seeds through them
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        try:
+            yield from self.loader
+        except ImageLoadError as exc:
+            index = getattr(exc, "index", None)
+            if index is None:
+                raise
+            original = int(self.positions[index])
+            reason = exc.__cause__ if exc.__cause__ is not None else exc
+            raise ImageLoadError(f"cannot load image {original} of X: {reason}", index=original) from exc
+
+
+def _num_targets(y) -> int:
+    if hasattr(y, "shape") and len(getattr(y, "shape")) > 0:
+        return int(y.shape[0])
+    try:
+        return len(y)
+    except TypeError:
+        raise ValueError(f"y must be array-like, got {type(y).__name__}") from None
+
+
+def _check_sample_weight(sample_weight, n: int) -> np.ndarray:
+    if sample_weight is None:
+        return np.ones(n)
+    w = np.asarray(sample_weight, dtype=np.float64)
+    if w.ndim == 0:
+        return np.full(n, float(w))
+    if w.shape != (n,):
+        raise ValueError(f"sample_weight has shape {w.shape}; expected ({n},), one weight per image")
+    bad = np.flatnonzero(~np.isfinite(w) | (w < 0))
+    if bad.size:
+        raise ValueError(f"sample_weight must be finite and >= 0; got {w[bad[0]]} at index {bad[0]}")
+    return w

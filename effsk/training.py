@@ -1,0 +1,683 @@
+"""The one training loop, shared by fine-tuning (the estimators) and pretraining.
+
+:class:`Trainer` owns a model, its optimiser, schedule, grad scaler and optional weight EMA, and runs
+epochs of ``(inputs, targets)`` batches with per-epoch validation, early stopping that restores the
+best weights, and callbacks. Its :meth:`Trainer.state_dict` holds the whole training state, so a
+checkpoint written from a callback resumes exactly, mid-epoch included.
+
+Scale-out is layered on, not built in: pass ``wrap_model`` (e.g. wrap in DistributedDataParallel),
+a loader with a ``DistributedSampler`` (its ``set_epoch`` is called every epoch), ``gather`` (an
+all-gather along dim 0, used to reduce training loss and to collect validation outputs) and
+``main_process=False`` on ranks that must stay quiet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
+from .runtime import autocast, resolve_device, resolve_precision
+
+__all__ = [
+    "TrainConfig",
+    "Callback",
+    "Trainer",
+    "fit_model",
+    "evaluate",
+    "apply_freeze",
+    "top_k_accuracy",
+    "FREEZE_MODES",
+]
+
+FREEZE_MODES = ("none", "backbone", "bn")
+MONITORS = ("val_loss", "val_score")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that shapes one training run.
+
+    Parameters
+    ----------
+    max_epochs : int
+        Epochs to run (a resumed run continues up to the same number).
+    optimizer : {"adamw", "sgd", "rmsprop"}
+        ``"rmsprop"`` is TF-style (:class:`effsk.optim.RMSpropTF`), the paper's optimiser.
+    lr, weight_decay, momentum, betas, rmsprop_decay, eps
+        Optimiser settings; weight decay skips biases and norm parameters. ``eps=None`` uses 1e-8 for
+        AdamW and the TF value 1e-3 for RMSProp.
+    schedule : {"cosine", "step", "constant"}
+        Per-step learning-rate schedule after ``warmup_epochs`` of linear warm-up. ``"cosine"`` decays
+        to ``min_lr`` at ``max_epochs``; ``"step"`` multiplies by ``decay_rate`` every
+        ``decay_epochs`` (paper: 0.97 every 2.4 epochs).
+    label_smoothing : float
+        Used by the default loss (cross-entropy) when no ``loss_fn`` is given.
+    clip_grad_norm : float or None
+        Clip the global gradient norm of the trainable parameters.
+    ema_decay : float or None
+        Keep an exponential moving average of the weights (and BatchNorm statistics); validation uses
+        it and the model ends with its weights.
+    precise_bn_batches : int
+        Before each validation (and at the end when there is none), recompute the BatchNorm
+        statistics that train from this many training batches with the current weights ("precise
+        BN", Wu & Johnson 2021). Running averages lag behind fast-moving weights, which on short runs
+        makes eval-mode predictions useless; 0 turns this off.
+    freeze : {"none", "backbone", "bn"} or int
+        See :func:`apply_freeze`.
+    early_stopping, patience, monitor, min_delta
+        Stop after ``patience`` epochs without improvement of ``monitor`` (``"val_loss"``, lower is
+        better, or ``"val_score"``, higher is better) and restore the best weights.
+    device, precision : str
+        As :func:`effsk.runtime.resolve_device` / :func:`~effsk.runtime.resolve_precision`.
+    channels_last : bool or None
+        ``None``: channels_last memory format on CUDA only.
+    seed : int or None
+        Reseeds the train loader's generator every epoch (``seed + epoch``) so shuffling, and worker
+        augmentation seeds, depend only on the epoch: a resumed run sees the same batches.
+    steps_per_epoch : int or None
+        Batches per epoch, for loaders without ``len``.
+    verbose : int
+        ``>= 1``: a progress bar per epoch and a summary line per epoch.
+    """
+
+    max_epochs: int = 10
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    rmsprop_decay: float = 0.9
+    eps: float | None = None
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    decay_epochs: float = 2.4
+    decay_rate: float = 0.97
+    label_smoothing: float = 0.0
+    clip_grad_norm: float | None = None
+    ema_decay: float | None = None
+    precise_bn_batches: int = 0
+    freeze: str | int = "none"
+    early_stopping: bool = False
+    patience: int = 5
+    monitor: str = "val_loss"
+    min_delta: float = 0.0
+    device: str | torch.device = "auto"
+    precision: str = "auto"
+    channels_last: bool | None = None
+    seed: int | None = None
+    steps_per_epoch: int | None = None
+    verbose: int = 0
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r}; use one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}; use one of {SCHEDULES}")
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor={self.monitor!r}; use one of {MONITORS}")
+        if self.precise_bn_batches < 0:
+            raise ValueError(f"precise_bn_batches={self.precise_bn_batches} must be >= 0")
+        if self.max_epochs < 0 or self.patience < 1:
+            raise ValueError(f"need max_epochs >= 0 and patience >= 1, got {self.max_epochs}, {self.patience}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay!r} must lie in [0, 1)")
+        _check_freeze(self.freeze)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["device"] = str(d["device"])
+        return d
+
+
+class Callback:
+    """Hooks into :class:`Trainer`; override what you need. Set ``trainer.should_stop = True`` to end
+    training after the current epoch. ``on_epoch_end`` runs after the epoch's state is complete
+    (``trainer.epoch`` already counts it), so a checkpoint written there resumes at the next epoch."""
+
+    def on_fit_start(self, trainer: "Trainer") -> None: ...
+
+    def on_epoch_start(self, trainer: "Trainer") -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", loss: torch.Tensor) -> None: ...
+
+    def on_validation_end(self, trainer: "Trainer", outputs: torch.Tensor, targets, record: dict) -> None: ...
+
+    def on_epoch_end(self, trainer: "Trainer", record: dict) -> None: ...
+
+    def on_fit_end(self, trainer: "Trainer") -> None: ...
+
+
+def _check_freeze(freeze) -> None:
+    if isinstance(freeze, bool) or not (freeze in FREEZE_MODES or (isinstance(freeze, int) and freeze >= 0)):
+        raise ValueError(f"freeze={freeze!r}; use one of {FREEZE_MODES} or an int k >= 0 (stem and first k stages)")
+
+
+def apply_freeze(model: nn.Module, freeze: str | int) -> list[nn.Module]:
+    """Set which parameters train; return the modules that must stay in eval mode while training.
+
+    ``"none"``: everything trains. ``"backbone"``: only ``model.classifier`` trains; the rest runs in
+    eval mode (BatchNorm statistics frozen, no stochastic depth). int k: the stem and the first k
+    stages (``features[0..k]``) are frozen the same way. ``"bn"``: every weight trains but all
+    BatchNorm layers run in eval mode, so their running statistics stay as loaded.
+
+    >>> from effsk.nn import efficientnet
+    >>> model = efficientnet("b0", num_classes=3)
+    >>> held = apply_freeze(model, 2)
+    >>> len(held), sum(p.numel() for p in model.features[:3].parameters() if p.requires_grad)
+    (3, 0)
+    """
+    _check_freeze(freeze)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if freeze == "none":
+        return []
+    if freeze == "bn":
+        return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    if freeze == "backbone":
+        if not hasattr(model, "classifier"):
+            raise ValueError("freeze='backbone' needs a model with a `classifier` head")
+        frozen = [m for name, m in model.named_children() if name != "classifier"]
+    else:
+        features = getattr(model, "features", None)
+        if features is None or freeze > len(features) - 2:
+            top = "?" if features is None else len(features) - 2
+            raise ValueError(f"freeze={freeze} is out of range: this model has {top} stages after its stem")
+        frozen = list(features[: freeze + 1])
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return frozen
+
+
+def top_k_accuracy(outputs: torch.Tensor, targets: torch.Tensor, k: int = 1) -> float:
+    """Fraction of rows whose target is among the ``k`` largest outputs."""
+    top = outputs.topk(min(k, outputs.shape[1]), dim=1).indices
+    return (top == targets.view(-1, 1)).any(dim=1).float().mean().item()
+
+
+def _to_device(x, device: torch.device, channels_last: bool = False):
+    if not isinstance(x, torch.Tensor):
+        return x
+    if channels_last and x.ndim == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def _explain_oom(inputs, doing: str):
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        n = inputs.shape[0] if isinstance(inputs, torch.Tensor) else "?"
+        size = "x".join(str(s) for s in inputs.shape[-2:]) if isinstance(inputs, torch.Tensor) else "?"
+        smaller = max(1, n // 2) if isinstance(n, int) else "a smaller value"
+        raise torch.cuda.OutOfMemoryError(
+            f"CUDA ran out of memory {doing} a batch of {n} images at {size} px (batch_size={n}). "
+            f"Try a smaller batch_size (e.g. batch_size={smaller}), mixed precision (precision='bf16' or "
+            "'fp16'), a lower resolution, or freezing more of the network (freeze='backbone' or an int)."
+        ) from exc
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = False,
+):
+    """Run ``model`` in eval mode over ``(inputs, targets)`` batches.
+
+    Returns ``(outputs, targets)``: outputs as float32 on the CPU, in loader order, and the batches'
+    targets concatenated (``None`` if the loader yields inputs only).
+    """
+    device = torch.device(device)
+    model.eval()
+    outputs, targets = [], []
+    for batch in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
+        inputs, target = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        with _explain_oom(inputs, "evaluating"):
+            with autocast(device, amp_dtype):
+                out = model(_to_device(inputs, device, channels_last))
+        outputs.append(out.float().cpu())
+        if target is not None:
+            targets.append(target)
+    out = torch.cat(outputs) if outputs else torch.empty(0)
+    tgt = torch.cat(targets) if targets else None
+    if gather is not None:
+        out = gather(out)
+        tgt = gather(tgt) if tgt is not None else None
+    return out, tgt
+
+
+@torch.no_grad()
+def recalibrate_bn(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    batches: int,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    frozen: Iterable[str] = (),
+) -> None:
+    """Recompute BatchNorm running statistics as exact averages over ``batches`` batches of
+    ``loader`` (as :func:`torch.optim.swa_utils.update_bn` does), with the model in train mode except
+    the ``frozen`` submodules (names), which stay in eval mode and keep their statistics."""
+    device = torch.device(device)
+    held = [model.get_submodule(name) for name in frozen]
+    held_ids = {id(m) for top in held for m in top.modules()}
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and id(m) not in held_ids]
+    if not layers or batches <= 0:
+        return
+    was_training = model.training
+    momenta = {}
+    for m in layers:
+        m.reset_running_stats()
+        momenta[m] = m.momentum
+        m.momentum = None  # cumulative average
+    model.train()
+    for m in held:
+        m.eval()
+    for batch in itertools.islice(loader, batches):
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        with autocast(device, amp_dtype):
+            model(_to_device(inputs, device, channels_last))
+    for m, momentum in momenta.items():
+        m.momentum = momentum
+    model.train(was_training)
+
+
+class Trainer:
+    """Train ``model`` on ``train_loader`` batches of ``(inputs, targets)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Moved to the configured device (channels_last on CUDA); its ``requires_grad`` flags are set
+        by ``config.freeze``.
+    train_loader, val_loader : iterable of (inputs, targets)
+        ``val_loader`` is optional unless early stopping is on.
+    config : TrainConfig
+    loss_fn : callable ``(outputs, targets) -> scalar tensor``, optional
+        Defaults to cross-entropy with ``config.label_smoothing``. Validation loss is
+        ``loss_fn(all_outputs, all_targets)`` computed on the CPU in fp32.
+    metric_fn : callable ``(outputs, targets) -> float``, optional
+        Validation score, higher is better (default with the default loss: top-1 accuracy).
+    callbacks : sequence of Callback
+    wrap_model : callable, optional
+        Applied to the (device-placed) model for the training forward pass, e.g. a
+        DistributedDataParallel constructor. Freezing, EMA, checkpoints and evaluation use the
+        unwrapped module.
+    gather : callable, optional
+        All-gather along dim 0 across processes (identity when None).
+    main_process : bool
+        Only the main process shows progress.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(64, 4, generator=g); y = (x[:, 0] > 0).long()
+    >>> loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=g)
+    >>> torch.manual_seed(0) and None
+    >>> trainer = Trainer(torch.nn.Linear(4, 2), loader, loader, TrainConfig(max_epochs=5, lr=0.1, device="cpu", seed=0))
+    >>> history = trainer.fit()
+    >>> len(history), history[-1]["val_score"] > 0.9
+    (5, True)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: Iterable,
+        val_loader: Iterable | None = None,
+        config: TrainConfig | None = None,
+        *,
+        loss_fn: Callable | None = None,
+        metric_fn: Callable | None = None,
+        callbacks: Sequence[Callback] = (),
+        wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        main_process: bool = True,
+    ):
+        self.config = config = config or TrainConfig()
+        if config.early_stopping and val_loader is None:
+            raise ValueError("early_stopping needs a val_loader")
+        if config.monitor == "val_score" and metric_fn is None and loss_fn is not None:
+            raise ValueError("monitor='val_score' needs a metric_fn")
+        self.device = resolve_device(config.device)
+        self.amp_dtype = resolve_precision(config.precision, self.device)
+        self.channels_last = self.device.type == "cuda" if config.channels_last is None else bool(config.channels_last)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        if loss_fn is None:
+            loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+            metric_fn = metric_fn or top_k_accuracy
+        self.loss_fn, self.metric_fn = loss_fn, metric_fn
+        self.callbacks = list(callbacks)
+        self.gather = gather
+        self.main_process = main_process
+
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        self.module = model.to(self.device, memory_format=memory_format)
+        self._held_in_eval = apply_freeze(self.module, config.freeze)
+        held = {id(m) for m in self._held_in_eval}
+        self._held_names = [name for name, m in self.module.named_modules() if id(m) in held]
+        self.ema = None
+        if config.ema_decay is not None:
+            self.ema = AveragedModel(self.module, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        self.model = wrap_model(self.module) if wrap_model is not None else self.module
+
+        self.steps_per_epoch = int(config.steps_per_epoch or len(train_loader))
+        if self.steps_per_epoch < 1:
+            raise ValueError("the training loader yields no batches")
+        self.optimizer = build_optimizer(
+            self.module,
+            config.optimizer,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            momentum=config.momentum,
+            betas=tuple(config.betas),
+            rmsprop_decay=config.rmsprop_decay,
+            eps=config.eps,
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            config.schedule,
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=config.max_epochs,
+            warmup_epochs=config.warmup_epochs,
+            min_lr=config.min_lr,
+            decay_epochs=config.decay_epochs,
+            decay_rate=config.decay_rate,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.trainable = [p for p in self.module.parameters() if p.requires_grad]
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+
+        self.epoch = 0  # completed epochs
+        self.step = 0  # optimiser steps
+        self.step_in_epoch = 0
+        self.history: list[dict] = []
+        self.best_value: float | None = None
+        self.best_epoch: int | None = None
+        self.bad_epochs = 0
+        self.best_state: dict | None = None
+        self.should_stop = False
+        self._loss_sum = torch.zeros((), device=self.device)  # training loss x images, this epoch
+        self._epoch_count = 0
+        self._pending_rng: dict | None = None
+
+    # -- training ----------------------------------------------------------------------------------
+
+    @property
+    def evaluated_module(self) -> nn.Module:
+        """The weights validation sees (and the model ends with): the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.module
+
+    def train_mode(self) -> None:
+        """``train()`` for the model, except the modules the freeze mode holds in eval mode."""
+        self.model.train()
+        for m in self._held_in_eval:
+            m.eval()
+
+    def fit(self) -> list[dict]:
+        """Run epochs ``self.epoch .. max_epochs - 1`` (fewer if stopped early); return the history."""
+        self._callback("on_fit_start")
+        while self.epoch < self.config.max_epochs and not self.should_stop:
+            record = self._run_epoch()
+            self._update_early_stopping(record)
+            self.history.append(record)
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self._loss_sum.zero_()
+            self._epoch_count = 0
+            if self.config.verbose and self.main_process:
+                tqdm.write(_format_record(record, self.config.max_epochs))
+            self._callback("on_epoch_end", record)
+        self._finish()
+        self._callback("on_fit_end")
+        return self.history
+
+    def _run_epoch(self) -> dict:
+        self._seed_epoch()
+        self._callback("on_epoch_start")
+        self.train_mode()
+        start = time.perf_counter()
+        batches = iter(self.train_loader)
+        for _ in range(self.step_in_epoch):  # resuming mid-epoch: same order, minus the batches done
+            next(batches, None)
+        if self._pending_rng is not None:  # after skipping, so the skipped batches' augmentation is replayed
+            _set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=self.step_in_epoch,
+            desc=f"epoch {self.epoch + 1}/{self.config.max_epochs}",
+            leave=False,
+            disable=not (self.config.verbose and self.main_process),
+        )
+        images = 0
+        for batch in batches:
+            if self.step_in_epoch >= self.steps_per_epoch:
+                break
+            inputs = _to_device(batch[0], self.device, self.channels_last)
+            targets = _to_device(batch[1], self.device)
+            loss = self._train_step(inputs, targets)
+            n = inputs.shape[0]
+            self._loss_sum += loss.detach().float() * n  # stays on the device: no host sync per step
+            self._epoch_count += n
+            images += n
+            self.step += 1
+            self.step_in_epoch += 1
+            self._callback("on_step_end", loss)
+            if not bar.disable:
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        bar.close()
+        seconds = time.perf_counter() - start
+        train_loss = self._reduced_epoch_loss()
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f"training diverged in epoch {self.epoch + 1}: the training loss is {train_loss}. "
+                "Lower lr, add clip_grad_norm, or use precision='fp32'."
+            )
+        record = {
+            "epoch": self.epoch,
+            "train_loss": train_loss,
+            "lr": self.last_lr,  # of the epoch's last step
+            "seconds": seconds,
+            "images_per_second": images / seconds if seconds > 0 else float("nan"),
+        }
+        if self.val_loader is not None:
+            record.update(self.validate())
+            record["seconds"] = time.perf_counter() - start
+        return record
+
+    def _reduced_epoch_loss(self) -> float:
+        pair = torch.tensor([self._loss_sum.item(), float(self._epoch_count)], dtype=torch.float64)
+        if self.gather is not None:
+            pair = self.gather(pair.view(1, 2)).view(-1, 2).sum(0)
+        return (pair[0] / pair[1]).item() if pair[1] > 0 else float("nan")
+
+    def _train_step(self, inputs, targets) -> torch.Tensor:
+        with _explain_oom(inputs, "training on"):
+            with autocast(self.device, self.amp_dtype):
+                outputs = self.model(inputs)
+                loss = self.loss_fn(outputs, targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.config.clip_grad_norm is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.trainable, self.config.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.module)
+        return loss
+
+    def recalibrate_bn(self) -> None:
+        """Precise BN for :attr:`evaluated_module` (see ``TrainConfig.precise_bn_batches``)."""
+        recalibrate_bn(
+            self.evaluated_module,
+            self.train_loader,
+            batches=min(self.config.precise_bn_batches, self.steps_per_epoch),
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            channels_last=self.channels_last,
+            frozen=self._held_names,
+        )
+
+    def validate(self) -> dict:
+        """Loss (and score, with a ``metric_fn``) of :attr:`evaluated_module` on the validation loader."""
+        self.recalibrate_bn()
+        outputs, targets = evaluate(
+            self.evaluated_module,
+            self.val_loader,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            channels_last=self.channels_last,
+            gather=self.gather,
+        )
+        record = {"val_loss": float(self.loss_fn(outputs, targets))}
+        if self.metric_fn is not None:
+            record["val_score"] = float(self.metric_fn(outputs, targets))
+        self._callback("on_validation_end", outputs, targets, record)
+        return record
+
+    def _update_early_stopping(self, record: dict) -> None:
+        value = record.get(self.config.monitor)
+        if value is None:
+            self.best_epoch = self.epoch
+            return
+        lower_is_better = self.config.monitor == "val_loss"
+        improved = self.best_value is None or (
+            value < self.best_value - self.config.min_delta if lower_is_better else value > self.best_value + self.config.min_delta
+        )
+        if improved:
+            self.best_value, self.best_epoch, self.bad_epochs = float(value), self.epoch, 0
+            if self.config.early_stopping:
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.evaluated_module.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+            if self.config.early_stopping and self.bad_epochs >= self.config.patience:
+                self.should_stop = True
+
+    def _finish(self) -> None:
+        if self.val_loader is None and self.history:
+            self.recalibrate_bn()
+        if self.best_state is not None:
+            self.evaluated_module.load_state_dict(self.best_state)
+        if self.ema is not None:
+            self.module.load_state_dict(self.ema.module.state_dict())
+
+    def _seed_epoch(self) -> None:
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        generator = getattr(self.train_loader, "generator", None)
+        if self.config.seed is not None and generator is not None:
+            generator.manual_seed(self.config.seed + self.epoch)
+
+    def _callback(self, name: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, name)(self, *args)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The whole training state (tensors and plain values only: loadable with weights_only=True)."""
+        return {
+            "model": self.module.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "step_in_epoch": self.step_in_epoch,
+            "epoch_loss": self._loss_sum.item(),
+            "epoch_count": self._epoch_count,
+            "history": copy.deepcopy(self.history),
+            "early_stopping": {
+                "best_value": self.best_value,
+                "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs,
+                "best_state": self.best_state,
+                "should_stop": self.should_stop,
+            },
+            "rng": _get_rng_state(self.device),
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`; the next :meth:`fit` continues where it was taken."""
+        self.module.load_state_dict(state["model"])
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ValueError("this trainer keeps an EMA but the state has none")
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.step_in_epoch = int(state["epoch"]), int(state["step"]), int(state["step_in_epoch"])
+        self._loss_sum = torch.tensor(float(state["epoch_loss"]), device=self.device)
+        self._epoch_count = int(state["epoch_count"])
+        self.history = list(state["history"])
+        es = state["early_stopping"]
+        self.best_value, self.best_epoch, self.bad_epochs = es["best_value"], es["best_epoch"], int(es["bad_epochs"])
+        self.best_state, self.should_stop = es["best_state"], bool(es["should_stop"])
+        self._pending_rng = state.get("rng")
+
+
+def _get_rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _format_record(record: dict, max_epochs: int) -> str:
+    parts = [f"epoch {record['epoch'] + 1}/{max_epochs}"]
+    for key in ("train_loss", "val_loss", "val_score"):
+        if key in record:
+            parts.append(f"{key} {record[key]:.4f}")
+    parts.append(f"lr {record['lr']:.2e}")
+    parts.append(f"{record['seconds']:.1f}s")
+    return "  ".join(parts)
+
+
+def fit_model(
+    model: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable | None = None,
+    config: TrainConfig | None = None,
+    **kwargs,
+) -> list[dict]:
+    """Train ``model`` in place and return its history: ``Trainer(...).fit()``."""
+    return Trainer(model, train_loader, val_loader, config, **kwargs).fit()
