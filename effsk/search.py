@@ -15,8 +15,9 @@ import math
 import numbers
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,7 +36,14 @@ from .runtime import resolve_device
 from .scaling import ARCH_DEFAULTS, Scaling, compound, resolve
 from .training import TrainConfig, Trainer
 
-__all__ = ["Coefficients", "CoefficientSearchResult", "DEFAULT_GRID", "candidate_scaling", "search_coefficients"]
+__all__ = [
+    "DEFAULT_GRID",
+    "CoefficientSearchResult",
+    "Coefficients",
+    "candidate_scaling",
+    "fit_and_score",
+    "search_coefficients",
+]
 
 #: Bases tried by default: depth up to 2 (depth alone can double the FLOPs), width and resolution
 #: up to 1.4 (their squares reach 2). With ``tolerance=0.1``, 20 triples satisfy the constraint.
@@ -99,7 +107,6 @@ class _Setup:
     augment: str
     num_workers: int
     config: TrainConfig
-    seed: int
     parent_pid: int
     threads: int
 
@@ -168,9 +175,10 @@ def search_coefficients(
     num_workers : int, default=0
         DataLoader workers per candidate.
     n_jobs : int, optional
-        Candidates trained at once, each in its own process (joblib; ``None`` means 1 unless a
-        :func:`joblib.parallel_config` context says otherwise, -1 all CPUs). Workers share the
-        CPUs: each gets ``cpu_count // workers`` torch threads.
+        Candidates trained at once, each in its own process (joblib's default process backend;
+        ``None`` means 1 unless a :func:`joblib.parallel_config` context says otherwise, -1 all
+        CPUs). Workers share the CPUs: each gets ``cpu_count // workers`` torch threads. The table
+        equals a serial run's at the same torch thread count (float reductions depend on it).
     random_state : int, RandomState or None, default=0
         Seeds the split, the weight initialisation and the batch order (the same for every
         candidate).
@@ -236,7 +244,6 @@ def search_coefficients(
         augment=augment,
         num_workers=int(num_workers),
         config=config,
-        seed=seed,
         parent_pid=os.getpid(),
         threads=max(1, cpu_count() // workers),
     )
@@ -282,11 +289,102 @@ def candidate_scaling(
         scaling,
         depth=base_depth * growth.depth,
         width=base_width * growth.width,
-        resolution=int(round(base_resolution * growth.resolution)),
+        resolution=round(base_resolution * growth.resolution),
     )
 
 
-# -- one candidate (runs in a joblib worker) ----------------------------------------------------------
+# -- training one config (runs in a joblib worker) ----------------------------------------------------
+
+
+def fit_and_score(
+    arch: str,
+    scaling: Scaling,
+    X_train,
+    y_train,
+    X_val,
+    y_val,
+    *,
+    num_classes: int,
+    config: TrainConfig,
+    batch_size: int = 32,
+    augment: str = "none",
+    num_workers: int = 0,
+) -> dict:
+    """Train ``build(arch, scaling)`` from scratch on ``(X_train, y_train)``; score it on the rest.
+
+    The one recipe every scaled model of a search or a scaling study goes through: weights drawn
+    with ``torch.manual_seed(config.seed)``, the model's default preprocessing at
+    ``scaling.resolution``, batches shuffled by a generator seeded from ``config.seed``, and the
+    shared :class:`~effsk.training.Trainer` with ``config``. The caller's RNG is left as it was.
+
+    Parameters
+    ----------
+    arch : str
+        A key of :data:`effsk.nn.ARCHITECTURES`.
+    scaling : Scaling
+        The model's config (depth, width, resolution); its ``resolution`` is the input size.
+    X_train, X_val : images
+        As :func:`effsk.images.make_loader` reads them.
+    y_train, y_val : array of int
+        Class indices in ``[0, num_classes)``.
+    num_classes : int
+    config : TrainConfig
+        Budget, optimiser and seed (``config.seed`` must be set).
+    batch_size : int, default=32
+    augment : str, default="none"
+        :func:`effsk.augment.train_transform` preset.
+    num_workers : int, default=0
+
+    Returns
+    -------
+    dict
+        ``params``, ``macs`` (per image at ``scaling.resolution``), ``train_loss``, ``val_loss``,
+        ``val_score`` (top-1 accuracy) of the final model (the best epoch's with early stopping),
+        ``train_seconds`` and the training ``history``.
+    """
+    if config.seed is None:
+        raise ValueError("fit_and_score needs config.seed: every compared model starts from the same seed.")
+    y_train, y_val = np.asarray(y_train), np.asarray(y_val)
+    with _forked_rng(resolve_device(config.device)):
+        torch.manual_seed(config.seed)
+        model = build(arch, scaling, num_classes=num_classes)
+        params, macs = count_params(model), count_macs(model)
+        preprocessing = default_preprocessing(scaling)
+        batch_size = min(batch_size, len(y_train))
+        train_loader = make_loader(
+            X_train,
+            preprocessing,
+            transform=train_transform(preprocessing, augment),
+            targets=y_train,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(config.seed),
+            drop_last=len(y_train) % batch_size == 1,  # BatchNorm cannot train on one image
+        )
+        val_loader = make_loader(
+            X_val,
+            preprocessing,
+            transform=eval_transform(preprocessing),
+            targets=y_val,
+            batch_size=batch_size,
+            num_workers=num_workers,
+        )
+        start = time.perf_counter()
+        trainer = Trainer(model, train_loader, val_loader, config)
+        history = trainer.fit()
+        seconds = time.perf_counter() - start
+    # With early stopping the model ends at its best epoch; otherwise the budget's last epoch counts.
+    final = history[trainer.best_epoch] if config.early_stopping else history[-1]
+    return {
+        "params": params,
+        "macs": macs,
+        "train_loss": final["train_loss"],
+        "val_loss": final["val_loss"],
+        "val_score": final["val_score"],
+        "train_seconds": seconds,
+        "history": history,
+    }
 
 
 def _train_candidate(coefficients: Coefficients, setup: _Setup, X_train, y_train, X_val, y_val) -> dict:
@@ -299,38 +397,20 @@ def _train_candidate(coefficients: Coefficients, setup: _Setup, X_train, y_train
         base_width=setup.base_width,
         base_depth=setup.base_depth,
     )
-    config = setup.config
-    with _forked_rng(resolve_device(config.device)):
-        torch.manual_seed(setup.seed)
-        model = build(setup.arch, scaling, num_classes=setup.num_classes)
-        params, macs = count_params(model), count_macs(model)
-        preprocessing = default_preprocessing(scaling)
-        batch_size = min(setup.batch_size, len(y_train))
-        train_loader = make_loader(
-            X_train,
-            preprocessing,
-            transform=train_transform(preprocessing, setup.augment),
-            targets=y_train,
-            batch_size=batch_size,
-            shuffle=True,
-            num_workers=setup.num_workers,
-            generator=torch.Generator().manual_seed(setup.seed),
-            drop_last=len(y_train) % batch_size == 1,  # BatchNorm cannot train on one image
-        )
-        val_loader = make_loader(
-            X_val,
-            preprocessing,
-            transform=eval_transform(preprocessing),
-            targets=y_val,
-            batch_size=batch_size,
-            num_workers=setup.num_workers,
-        )
-        start = time.perf_counter()
-        trainer = Trainer(model, train_loader, val_loader, config)
-        history = trainer.fit()
-        seconds = time.perf_counter() - start
-    # With early stopping the model ends at its best epoch; otherwise the budget's last epoch counts.
-    final = history[trainer.best_epoch] if config.early_stopping else history[-1]
+    scores = fit_and_score(
+        setup.arch,
+        scaling,
+        X_train,
+        y_train,
+        X_val,
+        y_val,
+        num_classes=setup.num_classes,
+        config=setup.config,
+        batch_size=setup.batch_size,
+        augment=setup.augment,
+        num_workers=setup.num_workers,
+    )
+    del scores["history"]
     return {
         "alpha": coefficients.alpha,
         "beta": coefficients.beta,
@@ -339,12 +419,7 @@ def _train_candidate(coefficients: Coefficients, setup: _Setup, X_train, y_train
         "depth": scaling.depth,
         "width": scaling.width,
         "resolution": scaling.resolution,
-        "params": params,
-        "macs": macs,
-        "train_loss": final["train_loss"],
-        "val_loss": final["val_loss"],
-        "val_score": final["val_score"],
-        "train_seconds": seconds,
+        **scores,
     }
 
 
