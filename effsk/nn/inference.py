@@ -62,6 +62,25 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+class _GlobalAvgPool(nn.Module):
+    """``AdaptiveAvgPool2d(1)`` through the adaptive-pool kernel itself.
+
+    For a 1x1 output ``adaptive_avg_pool2d`` dispatches to ``mean()``, which on a channels_last bf16 CPU
+    tensor first copies the whole map to fp32: about 20x slower than the pooling kernel (torch 2.14,
+    B0's squeeze-excite maps), and the squeeze-excite pools then cost as much as all 1x1 convolutions.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._adaptive_avg_pool2d(x, [1, 1])
+
+
+def _use_pooling_kernel(model: nn.Module) -> None:
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size in (1, (1, 1)):
+                setattr(parent, name, _GlobalAvgPool())
+
+
 class _InputAdapter:
     """Forward pre-hook: give the input the dtype and memory format of the weights it meets."""
 
@@ -203,6 +222,8 @@ def optimize_for_inference(
         fold_batchnorm(fast)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     fast.to(device=device, dtype=dtype, memory_format=memory_format)
+    if device.type == "cpu":
+        _use_pooling_kernel(fast)
 
     features = getattr(fast, "features", None)
     entry = features[0] if isinstance(features, nn.Sequential) and len(features) else fast
