@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..cache import open_feature_cache, weights_identity
 from ..images import ON_ERROR, ImageLoadWarning, _items, item_digest, make_loader, num_images
+from ..nn.inference import optimize_for_inference
 from ..runtime import autocast
 from ._base import MODEL_PARAMETER_CONSTRAINTS, RUNTIME_PARAMETER_CONSTRAINTS, build_estimator_model, resolve_runtime
 
@@ -43,13 +44,11 @@ def _pool(feature_map: torch.Tensor, pooling: str) -> torch.Tensor:
 
 
 def _inference_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
-    """The one place a fitted model is prepared for inference: an eval copy, channels_last, on ``device``.
-
-    ``dtype`` is the autocast dtype (``None`` = fp32); the copy leaves ``model`` (what gets pickled)
-    untouched on the CPU.
+    """The one place a fitted model is prepared for inference: a frozen eval copy on ``device`` with
+    BatchNorm folded into the convolutions, channels_last weights, and weights in ``dtype`` (the
+    autocast dtype; ``None`` = fp32). ``model`` itself (what gets pickled) stays untouched on the CPU.
     """
-    prepared = copy.deepcopy(model).eval()
-    return prepared.to(device=device, memory_format=torch.channels_last)
+    return optimize_for_inference(model, device=device, dtype=dtype, channels_last=True, fold_bn=True)
 
 
 class _Digests(Dataset):
