@@ -9,7 +9,7 @@ _PUBLIC = {
     "EfficientNetFeaturizer": "effsk.estimators",
     "EfficientNetClassifier": "effsk.estimators",
     "EfficientNetRegressor": "effsk.estimators",
-    "pretrain": "effsk.pretrain",
+    "pretrain": "effsk.pretraining",
     "resolve": "effsk.scaling",
 }
 

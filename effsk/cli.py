@@ -163,7 +163,7 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 
 def _run_pretrain(args) -> int:
-    from .pretrain import Recipe, pretrain
+    from .pretraining import Recipe, pretrain
 
     overrides = dict(_parse_override(item) for item in args.overrides)
     unknown = sorted(set(overrides) - set(Recipe.names()))

@@ -23,7 +23,7 @@ from torchvision.transforms import InterpolationMode, v2
 from effsk import cli
 from effsk.checkpoint import load_checkpoint
 from effsk.distributed import ResumableDistributedSampler, ShardSampler
-from effsk.pretrain import CHECKPOINT_FILE, RECIPES, STATE_FILE, Recipe, get_recipe, load_images, pretrain
+from effsk.pretraining import CHECKPOINT_FILE, RECIPES, STATE_FILE, Recipe, get_recipe, load_images, pretrain
 from effsk.training import Callback, TrainConfig, Trainer
 from effsk.weights import build_model
 
@@ -447,3 +447,12 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(data, t
     for key in b:  # measured: largest difference ~2e-5 (weights of order 0.1-1)
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
     assert sorted(os.listdir(tmp_path / "ddp")) == sorted(os.listdir(tmp_path / "single"))
+
+
+def test_public_pretrain_is_the_function_even_after_its_module_is_imported():
+    import importlib
+
+    import effsk
+
+    importlib.import_module("effsk.pretraining")
+    assert callable(effsk.pretrain) and effsk.pretrain.__module__ == "effsk.pretraining"
