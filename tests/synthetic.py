@@ -22,3 +22,22 @@ def channel_mix_images(n, size=32, seed=0):
     levels = rng.uniform(0, 1, size=(n, 3))
     X = rng.integers(0, 40, size=(n, size, size, 3)) + (levels[:, None, None, :] * 200).astype(int)
     return np.clip(X, 0, 255).astype(np.uint8), levels
+
+
+def randomise_batchnorm(model, generator=0, scale=0.1, var=(0.5, 1.5)):
+    """Give every BatchNorm2d non-trivial statistics and affine terms (in place; returns ``model``),
+    so that parity and folding tests can fail. ``generator``: a torch.Generator or a seed."""
+    import torch
+    from torch import nn
+
+    if not isinstance(generator, torch.Generator):
+        generator = torch.Generator().manual_seed(int(generator))
+    low, high = var
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * scale)
+                m.running_var.copy_(torch.rand(m.num_features, generator=generator) * (high - low) + low)
+                m.weight.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=generator) * scale)
+    return model

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from synthetic import randomise_batchnorm
 import torch
 import torchvision.models as tvm
 from torchvision.models import get_model_weights
@@ -11,19 +12,9 @@ from effsk.estimators import EfficientNetClassifier, EfficientNetFeaturizer
 from effsk.weights import build_model, imagenet_cache_path
 
 
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
-
-
 def test_imagenet_weights_of_a_baseline_come_from_torchvisions_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    tv = _randomise_bn(tvm.mobilenet_v2()).eval()
+    tv = randomise_batchnorm(tvm.mobilenet_v2()).eval()
     enum = get_model_weights("mobilenet_v2").IMAGENET1K_V1
     path = imagenet_cache_path(enum)
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)

@@ -5,6 +5,7 @@ import math
 from collections import Counter
 
 import pytest
+from synthetic import randomise_batchnorm
 import torch
 import torchvision.models as tvm
 from torch import nn
@@ -46,22 +47,12 @@ def _round8(value):
     return new + 8 if new < 0.9 * value else new
 
 
-def _randomise_bn(model, generator):
-    """Give BatchNorm non-trivial statistics and affine terms so parity tests can fail."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-
-
 def _assert_same_network(ours, tv, size=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     tv.eval()
     ours.eval()
     with torch.no_grad():
-        _randomise_bn(tv, g)
+        randomise_batchnorm(tv, g)
     tv_sd, our_sd = tv.state_dict(), ours.state_dict()
     assert list(our_sd) == list(tv_sd)
     assert all(our_sd[key].shape == tv_sd[key].shape for key in tv_sd)

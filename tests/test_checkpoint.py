@@ -5,9 +5,9 @@ import stat
 
 import numpy as np
 import pytest
+from synthetic import randomise_batchnorm
 import torch
 import torchvision.models as tvm
-from torch import nn
 
 from effsk.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from effsk.nn import efficientnet
@@ -17,17 +17,6 @@ from effsk.weights import build_model
 PREP = Preprocessing(crop_size=64, resize_size=72, interpolation="bilinear")
 
 
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def images():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -35,7 +24,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def b0_three_classes(tmp_path_factory):
-    model = _randomise_bn(efficientnet("b0", num_classes=3))
+    model = randomise_batchnorm(efficientnet("b0", num_classes=3)).eval()
     path = tmp_path_factory.mktemp("ckpt") / "b0.effsk.pt"
     metadata = {"epochs": np.int64(2), "val_score": np.float32(0.5), "history": [{"loss": 1.0}], "data": "pets"}
     save_checkpoint(path, model, PREP, classes=np.array(["cat", "dog", "eel"]), metadata=metadata)
@@ -76,7 +65,7 @@ def test_transfer_from_checkpoint_skips_or_replaces_the_head(b0_three_classes, i
 
 
 def test_checkpoint_architecture_rebuilds_model_and_is_checked_against_phi(tmp_path, images):
-    model = _randomise_bn(efficientnet(0.5, scaling="compound", same_padding=True, num_classes=4))
+    model = randomise_batchnorm(efficientnet(0.5, scaling="compound", same_padding=True, num_classes=4)).eval()
     path = tmp_path / "compound.pt"
     save_checkpoint(path, model, PREP)
     rebuilt, _ = build_model(0.5, path, scaling="compound", num_classes=4)

@@ -4,6 +4,7 @@ import pickle
 import warnings
 
 import pytest
+from synthetic import randomise_batchnorm
 import torch
 import torchvision.models as tvm
 from torch import nn
@@ -14,23 +15,12 @@ from effsk.nn.inference import _CompiledStages, fold_batchnorm, optimize_for_inf
 SIZE = 64
 
 
-def _randomise_bn(model, generator):
-    """Non-trivial BatchNorm statistics and affine terms, so a wrong fold shows in the features."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=generator) * 2 + 0.2)
-                m.weight.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=generator) * 0.5)
-
-
 @pytest.fixture(scope="module")
 def models():
     """torchvision's B0 with random BN statistics, and effsk's B0 holding the same weights."""
     g = torch.Generator().manual_seed(0)
     tv = tvm.efficientnet_b0().eval()
-    _randomise_bn(tv, g)
+    randomise_batchnorm(tv, g, scale=0.5, var=(0.2, 2.2))
     ours = efficientnet("b0").eval()
     ours.load_state_dict(tv.state_dict())
     x = torch.randn(3, 3, SIZE, SIZE, generator=g)

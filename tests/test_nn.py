@@ -1,6 +1,7 @@
 """effsk.nn against torchvision's EfficientNet (built here, in the test) and REFERENCE.md."""
 
 import pytest
+from synthetic import randomise_batchnorm
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
@@ -13,21 +14,11 @@ LITE_PARAMS = {"lite0": 4_652_008, "lite1": 5_416_680, "lite2": 6_092_072, "lite
 TV_EPS = {**{k: 1e-5 for k in range(5)}, **{k: 1e-3 for k in range(5, 8)}}
 
 
-def _randomise_bn(model, generator):
-    """Give BatchNorm non-trivial statistics and affine terms so parity tests can fail."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-
-
 def _parity(k, size):
     g = torch.Generator().manual_seed(k)
     tv = getattr(tvm, f"efficientnet_b{k}")().eval()
     with torch.no_grad():
-        _randomise_bn(tv, g)
+        randomise_batchnorm(tv, g)
     ours = efficientnet(f"b{k}").eval()
     tv_sd, our_sd = tv.state_dict(), ours.state_dict()
     assert list(our_sd) == list(tv_sd)
