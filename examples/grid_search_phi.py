@@ -10,7 +10,7 @@ candidate's features are trained; the Lite weights are the ones available offlin
 with effsk, Lite1/Lite2 with its ``[dev]``/``[lite]`` extras; a variant whose weights are missing is
 skipped with a note). B0..B7 need a one-off download, and randomly initialised networks of any phi
 would only compare random features. The resolutions are kept low (64 and 128 px for 64 px
-digits) so that the grid runs on a CPU in about a minute; ``--resolutions 0`` means "the variant's
+digits) so that the grid runs on a CPU in about half a minute; ``--resolutions 0`` means "the variant's
 own resolution" (224/240/260, which is the full compound scaling but takes several minutes).
 
 Features are cached per image (``EfficientNetFeaturizer(memory=...)`` in a temporary folder), so
@@ -19,12 +19,20 @@ fold's fit time includes the featurization, the others read the cache.
 
 Run from the repository root::
 
-    python examples/grid_search_phi.py                     # 600 digits, 3 phi x 2 resolutions, 3-fold CV
+    python examples/grid_search_phi.py                     # 600 digits, 3 phi x 2 resolutions, 3-fold CV, ~30 s
     python examples/grid_search_phi.py --phis lite0 lite2 --resolutions 96
     python examples/grid_search_phi.py --n 60 --phis lite0 lite1 --resolutions 32 --cv 2   # smoke test
 """
 
 from __future__ import annotations
+
+import os
+
+# On a CPU shared with other jobs, threads that spin while they wait make torch (OpenMP) and
+# scikit-learn's small matrix products (OpenBLAS) many times slower: let idle OpenMP threads sleep,
+# and give OpenBLAS one thread. Both are read when the libraries load, hence before the imports.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import tempfile

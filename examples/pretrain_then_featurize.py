@@ -4,7 +4,7 @@ Shows the whole path from an ImageFolder on disk to a scikit-learn pipeline:
 
 1. scikit-learn's digits are written as PNG files into class folders (``<tmp>/train/<label>/*.png``),
    a stand-in for a labelled collection of your own;
-2. ``effsk.pretrain(...)`` trains an EfficientNet-B0 on it from random initialisation for a few
+2. ``effsk.pretrain(...)`` trains an EfficientNet-B0 on it from random initialisation for 8
    epochs at 16 px (the digits are 8x8), and writes ``model.pt``: an effsk checkpoint that carries the
    architecture, the class names and the preprocessing (so the 16 px input size travels with it);
 3. ``EfficientNetFeaturizer(weights=<model.pt>)`` turns the checkpoint into a feature extractor in
@@ -13,27 +13,37 @@ Shows the whole path from an ImageFolder on disk to a scikit-learn pipeline:
    initialised B0, whose features are a fair "no pretraining" baseline. (The same path works as
    ``EfficientNetClassifier(weights=<model.pt>)`` to fine-tune the whole network.)
 
-What to expect: a few CPU epochs on ~1000 tiny images give a backbone whose features help most
-when labels are scarce; with many labels, random convolutional features of digits are already a
-strong baseline. The point is the mechanics, which are the same for a long GPU run on a real
-collection (see ``effsk pretrain --help`` for recipes, resuming and multi-GPU runs).
+What to expect (8 epochs, about a minute): with one to three labels per class the pretrained
+features are clearly better than random ones (about 0.73 and 0.84 test accuracy against 0.61 and
+0.66); by ten labels per class the two meet, because random convolutional features of 8x8 digits
+are a strong baseline. Fewer epochs (``--epochs 4``) give a weaker backbone. The mechanics are the
+same for a long GPU run on a real collection (``effsk pretrain --help``: recipes, resuming,
+multi-GPU).
 
 Why ``precise_bn_batches``: the ``"modern"`` recipe is made for long runs; in a run of a few epochs
 the BatchNorm running statistics lag behind the weights, and the network in eval mode (what the
-featurizer uses) predicts at chance. Recomputing the statistics from training batches before
-each validation, as the fine-tuning estimators do, fixes that.
+featurizer uses) predicts at chance. Recomputing the statistics from a few training batches before
+each validation (and so before the checkpoint is written), as the fine-tuning estimators do, fixes
+that.
 
 Run from the repository root::
 
-    python examples/pretrain_then_featurize.py              # 6 epochs, about 60 s on 2 CPU cores
+    python examples/pretrain_then_featurize.py              # 8 epochs, about 60 s on 2 CPU cores
     python examples/pretrain_then_featurize.py --labels 1 3 10 50
     python examples/pretrain_then_featurize.py --n 200 --epochs 1 --labels 3   # seconds (smoke test)
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+
+# On a CPU shared with other jobs, threads that spin while they wait make torch (OpenMP) and
+# scikit-learn's small matrix products (OpenBLAS) many times slower: let idle OpenMP threads sleep,
+# and give OpenBLAS one thread. Both are read when the libraries load, hence before the imports.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
 import tempfile
 import time
 
@@ -53,7 +63,7 @@ from effsk.demo import digits_rgb
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=None, help="use the first N digits (default: all 1797)")
-    parser.add_argument("--epochs", type=int, default=6, help="pretraining epochs (default: 6)")
+    parser.add_argument("--epochs", type=int, default=8, help="pretraining epochs (default: 8)")
     parser.add_argument("--resolution", type=int, default=16, help="pretraining crop size (default: 16)")
     parser.add_argument("--batch-size", type=int, default=64, help="pretraining batch size (default: 64)")
     parser.add_argument("--lr", type=float, default=4e-3, help="pretraining learning rate (default: 4e-3)")
@@ -100,7 +110,7 @@ def main(argv=None) -> dict:
             ema_decay=None,
             augment="none",
             drop_path_rate=0.0,
-            precise_bn_batches=100,
+            precise_bn_batches=4,
         )
         pretrain_s = time.perf_counter() - start
         print(f"pretrained b0 for {len(result.history)} epochs in {pretrain_s:.1f} s -> {result.checkpoint}")
@@ -110,13 +120,10 @@ def main(argv=None) -> dict:
                   f"{record['val_top1']:>8.4f} {record['images_per_second']:>6.0f}")
 
         # The design card's pipeline with the checkpoint as weights (its 16 px preprocessing comes with
-        # it), and the same pipeline on a randomly initialised B0. Features are cached per image, so
-        # every label budget reuses them.
-        cache = os.path.join(tmp, "features")
-        torch.manual_seed(args.seed)  # the random initialisation of the baseline
+        # it), and the same pipeline on a randomly initialised B0.
         backbones = {
-            "pretrained": EfficientNetFeaturizer("b0", weights=result.checkpoint, memory=cache),
-            "random init": EfficientNetFeaturizer("b0", weights=None, resolution=args.resolution, memory=cache),
+            "pretrained": EfficientNetFeaturizer("b0", weights=result.checkpoint),
+            "random init": EfficientNetFeaturizer("b0", weights=None, resolution=args.resolution),
         }
         rows = []
         for per_class in args.labels:
@@ -129,6 +136,7 @@ def main(argv=None) -> dict:
                     ("scale", StandardScaler()),
                     ("clf", LogisticRegression(max_iter=1000)),
                 ])
+                torch.manual_seed(args.seed)  # weights=None: the same random network for every label budget
                 row[name] = pipe.fit(X_new[train], y_new[train]).score(X_new[test], y_new[test])
             rows.append(row)
         feat = backbones["pretrained"]  # fitted by the pipeline above
