@@ -152,15 +152,20 @@ def _pooled(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: torch.flatten(model.avgpool(model.features(x)), 1)
 
 
-def _forward_batches(fn, batches, device, dtype, channels_last, to_device=False):
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _forward_batches(fn, batches, device, dtype, layout, to_device=False):
+    """Forward each batch under autocast ``dtype`` (None: none); ``layout`` None passes inputs as they come
+    (effsk converts on entry), else they are made NCHW- or channels_last-contiguous first."""
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else _null()
     outs = []
     with torch.inference_mode(), autocast:
         for x in batches:
             if to_device:
                 x = x.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            if layout is not None:
+                x = x.contiguous(memory_format=LAYOUTS[layout])
             outs.append(fn(x).float())
     return outs
 
@@ -246,24 +251,29 @@ def _build_rows(args, device, scaling, pre, data, notes):
             tv_nchw = copy.deepcopy(tv).to(device)
             if precision == "fp32":
                 rows.append(Row("tensors", "torchvision eager NCHW", precision,
-                                lambda m=tv_nchw: _forward_batches(_pooled(m), batches, device, None, False)))
+                                lambda m=tv_nchw: _forward_batches(_pooled(m), batches, device, None, "nchw")))
             tv_cl = copy.deepcopy(tv).to(device, memory_format=torch.channels_last)
             rows.append(Row("tensors", "torchvision channels_last" + (" autocast" if dtype else ""), precision,
-                            lambda m=tv_cl, d=dtype: _forward_batches(_pooled(m), batches, device, d, True)))
+                            lambda m=tv_cl, d=dtype: _forward_batches(_pooled(m), batches, device, d, "channels_last")))
         if timm_model is not None:
             tm = copy.deepcopy(timm_model).to(device, memory_format=torch.channels_last)
             rows.append(Row("tensors", "timm channels_last" + (" autocast" if dtype else ""), precision,
-                            lambda m=tm, d=dtype: _forward_batches(_pooled(m), batches, device, d, True)))
+                            lambda m=tm, d=dtype: _forward_batches(_pooled(m), batches, device, d, "channels_last")))
         fast, setup = timed_setup(lambda d=dtype: optimize_for_inference(ours, device=device, dtype=d))
         rows.append(Row("tensors", "effsk optimize_for_inference", precision,
-                        lambda m=fast: _forward_batches(_pooled(m), batches, device, None, False), setup))
+                        lambda m=fast: _forward_batches(_pooled(m), batches, device, None, None), setup))
         if args.compile:
             compiled = optimize_for_inference(ours, device=device, dtype=dtype, backend="compile")
             t0 = time.perf_counter()
-            _forward_batches(_pooled(compiled), batches[:1], device, None, False)  # compiles
+            first = _forward_batches(_pooled(compiled), batches[:1], device, None, None)[0]  # compiles
             _sync(device)
+            if tv is not None:
+                eager = _forward_batches(_pooled(fast), batches[:1], device, None, None)[0]
+                rel, limit = _max_rel_diff(first, eager), (1e-4 if dtype is None else 3e-2)
+                notes.append(f"check effsk {precision} backend=compile vs eager: max rel diff {rel:.1e} "
+                             f"(limit {limit:.0e}) {'ok' if rel <= limit else 'MISMATCH'}")
             rows.append(Row("tensors", "effsk optimize_for_inference backend=compile", precision,
-                            lambda m=compiled: _forward_batches(_pooled(m), batches, device, None, False),
+                            lambda m=compiled: _forward_batches(_pooled(m), batches, device, None, None),
                             time.perf_counter() - t0, note="setup = compile + first batch"))
         if args.ablation:
             _add_ablation_rows(rows, ours, batches, device, dtype, precision)
@@ -277,12 +287,12 @@ def _build_rows(args, device, scaling, pre, data, notes):
                 tv_e2e = copy.deepcopy(tv).to(device)
                 rows.append(Row(source, "torchvision eager NCHW", precision,
                                 lambda m=tv_e2e, s=source: _torchvision_pipeline(m, s, data, transform, args, device,
-                                                                                 None, False)))
+                                                                                 None, "nchw")))
             if tv is not None:
                 tv_e2e_cl = copy.deepcopy(tv).to(device, memory_format=torch.channels_last)
                 rows.append(Row(source, "torchvision channels_last" + (" autocast" if dtype else ""), precision,
                                 lambda m=tv_e2e_cl, s=source, d=dtype: _torchvision_pipeline(
-                                    m, s, data, transform, args, device, d, True)))
+                                    m, s, data, transform, args, device, d, "channels_last")))
             if featurizer_cls is not None:
                 feat, setup = timed_setup(lambda d=precision, X=X: featurizer_cls(
                     args.phi, weights=None, batch_size=args.batch_size, precision=d, device=str(device)).fit(X))
@@ -294,7 +304,7 @@ def _build_rows(args, device, scaling, pre, data, notes):
                 fast_e2e = optimize_for_inference(ours, device=device, dtype=dtype)
                 rows.append(Row(source, "effsk optimize_for_inference [model+tv-pre]", precision,
                                 lambda m=fast_e2e, s=source: _torchvision_pipeline(m, s, data, transform, args, device,
-                                                                                   None, False)))
+                                                                                   None, None)))
     return rows
 
 
@@ -304,11 +314,11 @@ def _add_ablation_rows(rows, ours, batches, device, dtype, precision):
     for name, kwargs in variants.items():
         m = optimize_for_inference(ours, device=device, dtype=dtype, **kwargs)
         rows.append(Row("tensors", name, precision,
-                        lambda m=m: _forward_batches(_pooled(m), batches, device, None, False)))
+                        lambda m=m: _forward_batches(_pooled(m), batches, device, None, None)))
     if dtype is not None:
         fp32 = optimize_for_inference(ours, device=device)
         rows.append(Row("tensors", "effsk fp32 weights + autocast", precision,
-                        lambda m=fp32, d=dtype: _forward_batches(_pooled(m), batches, device, d, False)))
+                        lambda m=fp32, d=dtype: _forward_batches(_pooled(m), batches, device, d, None)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; measured for the record
         fast = optimize_for_inference(ours, device=device, dtype=dtype)
@@ -321,10 +331,10 @@ def _add_ablation_rows(rows, ours, batches, device, dtype, precision):
         setup = time.perf_counter() - t0
     rows.append(Row("tensors", "effsk + torch.jit.trace/freeze", precision,
                     lambda m=traced, d=dtype: _forward_batches(m, [b.to(d or torch.float32) for b in batches],
-                                                               device, None, True), setup))
+                                                               device, None, "channels_last"), setup))
 
 
-def _torchvision_pipeline(model, source, data, transform, args, device, dtype, channels_last):
+def _torchvision_pipeline(model, source, data, transform, args, device, dtype, layout):
     """What a torchvision user writes: decode, transforms.v2, stack, forward, pool."""
     from torchvision.io import decode_jpeg, read_file
 
@@ -337,7 +347,7 @@ def _torchvision_pipeline(model, source, data, transform, args, device, dtype, c
             x = transform(chunk)
         else:
             x = torch.stack([transform(decode_jpeg(read_file(p))) for p in data["jpeg"][start:start + bs]])
-        outs.extend(_forward_batches(fn, [x], device, dtype, channels_last, to_device=device.type != "cpu"))
+        outs.extend(_forward_batches(fn, [x], device, dtype, layout, to_device=device.type != "cpu"))
     return outs
 
 
@@ -462,7 +472,9 @@ def main(argv=None):
     h, w = round(pre.resize_size * 1.0), round(pre.resize_size * 1.25)
     arrays = _synthetic_images(args.n, h, w)
     transform = _torchvision_transform(pre)
-    tensors = transform(torch.from_numpy(arrays).permute(0, 3, 1, 2))
+    # .contiguous(): HWC arrays permuted to NCHW keep channels_last strides, which would hand the
+    # "NCHW" baseline a channels_last input.
+    tensors = transform(torch.from_numpy(arrays).permute(0, 3, 1, 2)).contiguous()
     with tempfile.TemporaryDirectory(prefix="effsk-bench-") as folder:
         data = {"arrays": arrays, "tensors": tensors, "jpeg": _write_jpegs(arrays, folder) if "jpeg" in args.sources else []}
         rows = _build_rows(args, device, scaling, pre, data, notes)
