@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from effsk.nn import efficientnet  # noqa: E402
 from effsk.nn.inference import optimize_for_inference  # noqa: E402
-from effsk.preprocessing import default_preprocessing  # noqa: E402
-from effsk.runtime import resolve_device  # noqa: E402
+from effsk.data.preprocessing import default_preprocessing  # noqa: E402
+from effsk.utils.runtime import resolve_device  # noqa: E402
 from effsk.scaling import resolve  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

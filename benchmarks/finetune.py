@@ -39,8 +39,8 @@ from torchvision.transforms import InterpolationMode, v2
 
 from effsk.estimators import EfficientNetClassifier
 from effsk.nn import efficientnet
-from effsk.preprocessing import default_preprocessing
-from effsk.runtime import autocast, resolve_device, resolve_precision
+from effsk.data.preprocessing import default_preprocessing
+from effsk.utils.runtime import autocast, resolve_device, resolve_precision
 from effsk.scaling import resolve
 
 

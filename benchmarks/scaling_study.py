@@ -3,7 +3,7 @@
 From one small base model, scale depth only, width only, input resolution only, and all three with the
 compound rule (d = alpha^phi, w = beta^phi, r = gamma^phi) until each model costs about ``k`` times the
 base's multiply-adds, for every budget ``k``. Every model trains from scratch the same way (the shared
-training loop through :func:`effsk.search.fit_and_score`: same split, epochs, optimiser, seed) on
+training loop through :func:`effsk.training.search.fit_and_score`: same split, epochs, optimiser, seed) on
 scikit-learn's digits (1,797 8x8 grey images, upscaled to RGB by the model's preprocessing), then the
 script prints the table and plots validation accuracy against FLOPs.
 
@@ -36,7 +36,7 @@ from sklearn.model_selection import train_test_split
 
 from effsk.nn import build, count_macs
 from effsk.scaling import ALPHA, BETA, GAMMA, Scaling, compound, resolve
-from effsk.search import fit_and_score
+from effsk.training.search import fit_and_score
 from effsk.training import TrainConfig
 
 METHODS = ("depth", "width", "resolution", "compound")

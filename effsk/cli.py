@@ -29,7 +29,7 @@ def _parse_phi(text: str):
 
 
 def _run_info(args) -> int:
-    from .info import family_table, render
+    from .jobs.info import family_table, render
 
     phis = [_parse_phi(p) for p in args.phi] if args.phi else None
     table = family_table(phis, scaling=args.scaling, resolution=args.resolution)
@@ -59,7 +59,7 @@ def _add_featurize(sub) -> None:
 
 def _run_featurize(args) -> int:
     from .estimators import EfficientNetFeaturizer
-    from .featurize import featurize_to_parquet
+    from .jobs.featurize import featurize_to_parquet
 
     featurizer = EfficientNetFeaturizer(
         _parse_phi(args.phi),
@@ -99,7 +99,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from .demo import run_demo
+    from .jobs.demo import run_demo
 
     run_demo(
         _parse_phi(args.phi),
@@ -163,7 +163,7 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 
 def _run_pretrain(args) -> int:
-    from .pretraining import Recipe, pretrain
+    from .training.pretraining import Recipe, pretrain
 
     overrides = dict(_parse_override(item) for item in args.overrides)
     unknown = sorted(set(overrides) - set(Recipe.names()))
@@ -196,7 +196,7 @@ def _run_pretrain(args) -> int:
         verbose=0 if args.quiet else 1,
         **overrides,
     )
-    from .distributed import from_environ
+    from .training.distributed import from_environ
 
     if from_environ().is_main:
         print(f"wrote {result.checkpoint}")

@@ -12,8 +12,8 @@ The compound-scaled baselines of paper Table 3 (``arch="resnet50"``, ``"mobilene
 from the arch's own bases and base resolution (:data:`ARCH_DEFAULTS`), and phi = 0 is the standard
 architecture.
 
-``search_coefficients`` finds alpha, beta, gamma for an arch on your own data (the paper's step 1);
-it lives in :mod:`effsk.search` and is imported on first use, so this module stays free of torch.
+Finding alpha, beta, gamma on your own data (the paper's step 1) trains networks, so it lives in the
+training layer: ``effsk.search_coefficients`` (:mod:`effsk.training.search`). This module imports no torch.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ __all__ = [
     "round_repeats",
     "resolve",
     "accepted_phi",
-    "search_coefficients",
 ]
 
 ALPHA, BETA, GAMMA = 1.2, 1.1, 1.15
@@ -443,16 +442,6 @@ def _resolve_baseline(arch: str, phi, alpha: float, beta: float, gamma: float) -
         bn_momentum=_TORCH_BN_MOMENTUM,
         arch=arch,
     )
-
-
-def __getattr__(name):
-    # search_coefficients (effsk.search) trains networks; importing it lazily keeps this config
-    # module free of torch and the training loop.
-    if name == "search_coefficients":
-        from .search import search_coefficients
-
-        return search_coefficients
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _official_dropout(phi: float) -> float:

@@ -38,7 +38,7 @@ import time
 from sklearn.model_selection import train_test_split
 
 from effsk import EfficientNetClassifier
-from effsk.demo import digits_rgb
+from effsk.data import digits_rgb
 
 
 def freeze_value(text: str):

@@ -45,7 +45,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from effsk import EfficientNetFeaturizer
-from effsk.demo import digits_rgb
+from effsk.data import digits_rgb
 from effsk.nn import count_macs, count_params
 from effsk.weights import imagenet_weights_status
 

@@ -6,7 +6,7 @@ Shows the one-line idea of effsk: an EfficientNet is a scikit-learn transformer,
 
 is an image classifier that fits, scores, cross-validates and pickles like any other pipeline.
 The data are scikit-learn's handwritten digits (1797 8x8 grey images), upscaled to 64x64 RGB
-(``effsk.demo.digits_rgb``); the features come from EfficientNet-Lite0 with its real ImageNet
+(``effsk.data.digits_rgb``); the features come from EfficientNet-Lite0 with its real ImageNet
 weights (installed with effsk, so this runs offline). A logistic regression on the raw 8x8 pixels is
 printed as a baseline. Everything ImageNet-trained sees 128x128 crops here (``--resolution``):
 near full accuracy at a fraction of the 224x224 cost on a CPU.
@@ -37,7 +37,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 
 from effsk import EfficientNetFeaturizer
-from effsk.demo import digits_rgb
+from effsk.data import digits_rgb
 
 
 def parse_args(argv=None):

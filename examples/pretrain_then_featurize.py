@@ -57,7 +57,7 @@ from sklearn.preprocessing import StandardScaler
 
 import effsk
 from effsk import EfficientNetFeaturizer
-from effsk.demo import digits_rgb
+from effsk.data import digits_rgb
 
 
 def parse_args(argv=None):

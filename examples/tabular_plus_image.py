@@ -44,7 +44,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from effsk import EfficientNetFeaturizer
-from effsk.demo import digits_rgb
+from effsk.data import digits_rgb
 
 NUMERIC = ["ink", "sensor_x", "sensor_y"]
 

@@ -7,7 +7,7 @@ import torch
 import torchvision.models as tvm
 from torchvision.models import get_model_weights
 
-from effsk.checkpoint import CheckpointError, save_checkpoint
+from effsk.weights.checkpoint import CheckpointError, save_checkpoint
 from effsk.estimators import EfficientNetClassifier, EfficientNetFeaturizer
 from effsk.weights import build_model, imagenet_cache_path
 

@@ -9,9 +9,9 @@ from synthetic import randomise_batchnorm
 import torch
 import torchvision.models as tvm
 
-from effsk.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from effsk.weights.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from effsk.nn import efficientnet
-from effsk.preprocessing import Preprocessing
+from effsk.data.preprocessing import Preprocessing
 from effsk.weights import build_model
 
 PREP = Preprocessing(crop_size=64, resize_size=72, interpolation="bilinear")

@@ -17,7 +17,7 @@ from synthetic import tinted_images
 import effsk.weights
 from effsk.estimators import EfficientNetClassifier
 from effsk.estimators import _finetune
-from effsk.images import ImageLoadError
+from effsk.data.images import ImageLoadError
 from effsk.nn import EfficientNet
 
 NAMES = np.array(["red", "green", "blue"])

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from effsk.datasets import image_folder, image_table, list_images
-from effsk.fileio import atomic_write
-from effsk.runlog import RunLog
+from effsk.data.datasets import image_folder, image_table, list_images
+from effsk.utils.fileio import atomic_write
+from effsk.training.runlog import RunLog
 
 
 def _write(path, color):

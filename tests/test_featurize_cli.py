@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from effsk.checkpoint import save_checkpoint
+from effsk.weights.checkpoint import save_checkpoint
 from effsk.cli import main
 from effsk.estimators import EfficientNetFeaturizer
-from effsk.featurize import featurize_to_parquet, read_features
+from effsk.jobs.featurize import featurize_to_parquet, read_features
 from effsk.weights import build_model
 
 

@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 
 from effsk import EfficientNetFeaturizer
 import effsk.weights
-from effsk.images import ImageLoadError, ImageLoadWarning
+from effsk.data.images import ImageLoadError, ImageLoadWarning
 from effsk.weights import build_model
 
 CROP, RESIZE = 64, 73  # b0's 224/256 recipe at resolution 64
@@ -269,7 +269,7 @@ def test_workers_decode_and_hash_like_the_main_process(fitted, paths, tmp_path, 
 
 
 def test_cache_writes_are_atomic(tmp_path, monkeypatch):
-    from effsk.cache import atomic_write_bytes
+    from effsk.data.cache import atomic_write_bytes
 
     target = tmp_path / "row.npy"
     atomic_write_bytes(target, b"old")

@@ -1,4 +1,4 @@
-"""effsk.images: every input type decodes to the same pixels, bad input names the item, loaders stream.
+"""effsk.data.images: every input type decodes to the same pixels, bad input names the item, loaders stream.
 
 References are independent of effsk: the source pixel arrays themselves, PIL's own conversions of the
 same files, and torchvision's ImageClassification eval transform.
@@ -18,8 +18,9 @@ from torchvision.models import EfficientNet_B0_Weights
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from effsk.images import ImageLoadError, eval_transform, load_image, make_loader, num_images
-from effsk.preprocessing import IMAGENET_STD, Preprocessing
+from effsk.data.images import ImageLoadError, load_image, make_loader, num_images
+from effsk.data.transforms import eval_transform
+from effsk.data.preprocessing import IMAGENET_STD, Preprocessing
 
 H, W = 20, 30
 TINY = Preprocessing(crop_size=16, resize_size=18)

@@ -13,8 +13,8 @@ import torch
 from sklearn.datasets import load_sample_images
 from torchvision.transforms import v2
 
-from effsk.checkpoint import CheckpointError
-from effsk.lite import LITE_WEIGHTS_PACKAGES, convert_lite_state_dict, lite_weights_file
+from effsk.weights.checkpoint import CheckpointError
+from effsk.weights.lite import LITE_WEIGHTS_PACKAGES, convert_lite_state_dict, lite_weights_file
 from effsk.scaling import resolve
 from effsk.weights import WeightsNotFoundError, build_model, imagenet_weights_status
 

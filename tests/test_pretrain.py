@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 from effsk import cli
-from effsk.checkpoint import load_checkpoint
-from effsk.distributed import ResumableDistributedSampler, ShardSampler
-from effsk.pretraining import CHECKPOINT_FILE, RECIPES, STATE_FILE, Recipe, get_recipe, load_images, pretrain
+from effsk.weights.checkpoint import load_checkpoint
+from effsk.training.distributed import ResumableDistributedSampler, ShardSampler
+from effsk.training.pretraining import CHECKPOINT_FILE, RECIPES, STATE_FILE, Recipe, get_recipe, load_images, pretrain
 from effsk.training import Callback, TrainConfig, Trainer
 from effsk.weights import build_model
 
@@ -384,7 +384,7 @@ def torchrun(args, nproc=2):
 RANK_CHECKS = """
 import torch, torch.distributed as dist
 from torch import nn
-from effsk import distributed
+from effsk.training import distributed
 
 env = distributed.setup("cpu")
 rank = env.rank
@@ -454,5 +454,5 @@ def test_public_pretrain_is_the_function_even_after_its_module_is_imported():
 
     import effsk
 
-    importlib.import_module("effsk.pretraining")
-    assert callable(effsk.pretrain) and effsk.pretrain.__module__ == "effsk.pretraining"
+    importlib.import_module("effsk.training.pretraining")
+    assert callable(effsk.pretrain) and effsk.pretrain.__module__ == "effsk.training.pretraining"

@@ -1,4 +1,4 @@
-"""effsk.scaling.search_coefficients: the paper's step 1 (grid search of alpha, beta, gamma at phi = 1)
+"""effsk.search_coefficients: the paper's step 1 (grid search of alpha, beta, gamma at phi = 1)
 on tiny synthetic data; constraint, table shape and configs checked against the paper's formulas."""
 
 import itertools
@@ -11,8 +11,9 @@ import torch
 from synthetic import tinted_images
 
 from effsk.nn import build, count_macs, count_params
-from effsk.scaling import resolve, search_coefficients
-from effsk.search import DEFAULT_GRID, Coefficients, _candidates, candidate_scaling
+from effsk import search_coefficients
+from effsk.scaling import resolve
+from effsk.training.search import DEFAULT_GRID, Coefficients, _candidates, candidate_scaling
 
 COLUMNS = ["alpha", "beta", "gamma", "constraint", "depth", "width", "resolution", "params", "macs",
            "train_loss", "val_loss", "val_score", "train_seconds"]
@@ -162,10 +163,10 @@ def test_bad_settings_are_named(kwargs, message):
 
 
 def test_scaling_module_stays_free_of_torch():
-    code = "import sys, effsk.scaling; print(sorted(m for m in ('torch', 'effsk.search') if m in sys.modules))"
+    code = "import sys, effsk.scaling; print(sorted(m for m in ('torch', 'effsk.training.search') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    import effsk.scaling
-    import effsk.search
+    import effsk
+    import effsk.training.search
 
-    assert effsk.scaling.search_coefficients is effsk.search.search_coefficients
+    assert effsk.search_coefficients is effsk.training.search.search_coefficients

@@ -1,5 +1,5 @@
-"""The training loop (effsk.training), optimisers and schedules (effsk.optim), train transforms
-(effsk.augment): checked against torch's own schedulers, the TF RMSProp formula, and recorded state."""
+"""The training loop (effsk.training), optimisers and schedules (effsk.training.optim), train transforms
+(effsk.data.transforms): checked against torch's own schedulers, the TF RMSProp formula, and recorded state."""
 
 import io
 
@@ -10,10 +10,10 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR, StepLR
 from torch.utils.data import DataLoader, TensorDataset
 
-from effsk.augment import AUGMENT_PRESETS, train_transform
-from effsk.images import eval_transform
-from effsk.optim import build_optimizer, build_scheduler, parameter_groups
-from effsk.preprocessing import Preprocessing
+from effsk.data.transforms import AUGMENT_PRESETS, train_transform
+from effsk.data.transforms import eval_transform
+from effsk.training.optim import build_optimizer, build_scheduler, parameter_groups
+from effsk.data.preprocessing import Preprocessing
 from effsk.training import Callback, TrainConfig, Trainer, apply_freeze, recalibrate_bn
 from effsk.weights import build_model
 

@@ -16,8 +16,8 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.models import EfficientNet_B0_Weights
 
-from effsk.checkpoint import CheckpointError
-from effsk.preprocessing import Preprocessing
+from effsk.weights.checkpoint import CheckpointError
+from effsk.data.preprocessing import Preprocessing
 from effsk.weights import WeightsNotFoundError, build_model, imagenet_weights_file, imagenet_weights_status
 
 REAL_DOWNLOAD = torch.hub.download_url_to_file  # before the autouse fixture replaces it

@@ -9,7 +9,7 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..nn.registry import ARCHITECTURES
-from ..runtime import PRECISIONS, resolve_device, resolve_precision
+from ..utils.runtime import PRECISIONS, resolve_device, resolve_precision
 from ..scaling import SCALING_MODES, Scaling
 from .. import weights as _weights
 

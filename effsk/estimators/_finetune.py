@@ -19,11 +19,12 @@ from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ..augment import AUGMENT_PRESETS, train_transform
-from ..images import ImageLoadError, eval_transform, make_loader, num_images
-from ..optim import OPTIMIZERS
-from ..runtime import PRECISIONS, resolve_device, resolve_precision
-from ..training import FREEZE_MODES, TrainConfig, Trainer, evaluate
+from ..data.transforms import AUGMENT_PRESETS, train_transform
+from ..data.images import ImageLoadError, make_loader, num_images
+from ..data.transforms import eval_transform
+from ..training.optim import OPTIMIZERS
+from ..utils.runtime import PRECISIONS, resolve_device, resolve_precision
+from ..training.loop import FREEZE_MODES, TrainConfig, Trainer, evaluate
 from ._base import MODEL_PARAMETER_CONSTRAINTS, build_estimator_model
 
 __all__ = ["FineTuneEstimator"]
@@ -124,7 +125,7 @@ class FineTuneEstimator(BaseEstimator):
         Parameters
         ----------
         X : images
-            Any input :mod:`effsk.images` accepts: paths, encoded bytes, PIL images, arrays, an
+            Any input :mod:`effsk.data.images` accepts: paths, encoded bytes, PIL images, arrays, an
             (N,H,W,C) array or an (N,C,H,W) tensor.
         y : array-like
             Targets, one per image.

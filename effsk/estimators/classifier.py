@@ -58,7 +58,7 @@ class EfficientNetClassifier(ClassifierMixin, FineTuneEstimator):
     label_smoothing : float, default=0.1
         Single-label only.
     augment : {"none", "light", "randaugment", "autoaugment"}, default="light"
-        Training-time augmentation (see :mod:`effsk.augment`).
+        Training-time augmentation (see :mod:`effsk.data.transforms`).
     drop_rate, drop_path_rate : float, optional
         Classifier dropout and stochastic depth (default: the variant's).
     validation_fraction : float, default=0.1
@@ -88,7 +88,7 @@ class EfficientNetClassifier(ClassifierMixin, FineTuneEstimator):
     multilabel_ : bool
     model_ : torch.nn.Module
         The fine-tuned network (eval mode).
-    preprocessing_ : effsk.preprocessing.Preprocessing
+    preprocessing_ : effsk.data.preprocessing.Preprocessing
     history_ : list of dict
         One record per epoch: ``epoch``, ``phase`` (``"head"``/``"train"``), ``train_loss``,
         ``val_loss``, ``val_score`` (accuracy), ``lr``, ``seconds``, ``images_per_second``.

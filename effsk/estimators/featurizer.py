@@ -16,10 +16,10 @@ from sklearn.utils.validation import check_is_fitted
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..cache import open_feature_cache, weights_identity
-from ..images import ON_ERROR, ImageLoadWarning, _items, item_digest, make_loader, num_images
+from ..data.cache import open_feature_cache, weights_identity
+from ..data.images import ON_ERROR, ImageLoadWarning, _items, item_digest, make_loader, num_images
 from ..nn.inference import optimize_for_inference
-from ..runtime import autocast
+from ..utils.runtime import autocast
 from ._base import MODEL_PARAMETER_CONSTRAINTS, RUNTIME_PARAMETER_CONSTRAINTS, build_estimator_model, resolve_runtime
 
 __all__ = ["EfficientNetFeaturizer", "POOLINGS"]
@@ -103,8 +103,8 @@ class EfficientNetFeaturizer(TransformerMixin, BaseEstimator):
         Where to cache feature rows per image, keyed on image content and everything that changes
         features; reruns and cross-validation folds reuse them.
     on_error : {"raise", "nan"}, default="raise"
-        What an image that cannot be loaded does: raise :class:`~effsk.images.ImageLoadError`, or
-        give a row of NaN (with one :class:`~effsk.images.ImageLoadWarning` listing the failures).
+        What an image that cannot be loaded does: raise :class:`~effsk.data.images.ImageLoadError`, or
+        give a row of NaN (with one :class:`~effsk.data.images.ImageLoadWarning` listing the failures).
     verbose : int, default=0
         Show a progress bar while featurizing.
 
@@ -238,7 +238,7 @@ class EfficientNetFeaturizer(TransformerMixin, BaseEstimator):
         ----------
         X : images
             A sequence of paths, bytes, PIL images or arrays; an (N, H, W[, C]) array; an (N, C, H, W)
-            tensor (see :mod:`effsk.images`).
+            tensor (see :mod:`effsk.data.images`).
 
         Returns
         -------

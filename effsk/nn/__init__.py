@@ -1,4 +1,8 @@
-"""The networks: EfficientNet family blocks and builders, compound-scaled baselines, one ``build``."""
+"""The networks: EfficientNet family blocks and builders, compound-scaled baselines, one ``build``.
+
+Layer 1. Owns the modules (torchvision's names, so their state_dicts load unchanged), the cost model
+and inference preparation. May import :mod:`effsk.scaling` and :mod:`effsk.utils` only.
+"""
 
 from .blocks import Conv2dSame, ConvBNAct, MBConv
 from .cost import count_macs, count_params

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..runtime import resolve_device
+from ..utils.runtime import resolve_device
 
 __all__ = ["optimize_for_inference", "fold_batchnorm", "BACKENDS"]
 
@@ -177,7 +177,7 @@ def optimize_for_inference(
         An effsk network (e.g. :class:`~effsk.nn.EfficientNet`) or any module whose conv-BN pairs sit
         in ``nn.Sequential`` containers.
     device : str or torch.device
-        Where the copy lives (``"auto"`` as in :func:`effsk.runtime.resolve_device`).
+        Where the copy lives (``"auto"`` as in :func:`effsk.utils.runtime.resolve_device`).
     dtype : torch.dtype, optional
         ``torch.bfloat16`` or ``torch.float16`` casts the weights (after folding, which happens in
         float32). Weights rather than autocast: on CPU the cast model measured as fast as autocast while

@@ -6,8 +6,8 @@ import json
 
 import pandas as pd
 
-from .nn.cost import count_macs, count_params
-from .scaling import PUBLISHED, resolve
+from ..nn.cost import count_macs, count_params
+from ..scaling import PUBLISHED, resolve
 
 __all__ = ["family_table", "render"]
 
@@ -19,7 +19,7 @@ def family_table(phis=None, scaling: str = "official", resolution: int | None = 
     >>> family_table(["b0", 1.5])[["name", "resolution"]].values.tolist()
     [['b0', 224], ['phi=1.5', 250]]
     """
-    from .weights import imagenet_weights_status
+    from ..weights.build import imagenet_weights_status
 
     phis = list(PUBLISHED) if phis is None else list(phis)
     rows = []

@@ -12,29 +12,9 @@ import time
 
 import numpy as np
 
-__all__ = ["digits_rgb", "run_demo"]
+from ..data.samples import digits_rgb
 
-
-def digits_rgb(size: int = 64, n: int | None = None, margin: int = 2):
-    """sklearn's digits as ``(N, size, size, 3)`` uint8 RGB images, their labels and raw pixels.
-
-    Each 8x8 digit gets a ``margin`` of blank page around it before bicubic upscaling, as in a photo
-    of a written digit, so that a centre crop does not cut the ink.
-    """
-    import torch
-    import torch.nn.functional as F
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images, y = digits.images, digits.target
-    if n is not None:
-        images, y = images[:n], y[:n]
-    # digits are 0 (white) .. 16 (black ink); draw dark ink on a light page like a photo of paper.
-    grey = torch.from_numpy(255.0 - images * (255.0 / 16.0)).float()[:, None]
-    grey = F.pad(grey, (margin,) * 4, value=255.0)
-    big = F.interpolate(grey, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 255)
-    rgb = big.round().to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
-    return rgb, y, images.reshape(len(images), -1)
+__all__ = ["run_demo"]
 
 
 def run_demo(phi="lite0", weights="imagenet", *, n=None, resolution=128, size=64, test_size=0.25,
@@ -45,7 +25,7 @@ def run_demo(phi="lite0", weights="imagenet", *, n=None, resolution=128, size=64
     from sklearn.pipeline import Pipeline, make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from .estimators import EfficientNetFeaturizer
+    from ..estimators import EfficientNetFeaturizer
 
     X, y, pixels = digits_rgb(size=size, n=n)
     idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_size, stratify=y,

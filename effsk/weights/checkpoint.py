@@ -2,7 +2,7 @@
 
 An effsk checkpoint is a ``torch.save`` of a plain dict::
 
-    {"format": "effsk.checkpoint", "format_version": 1,
+    {"format": "effsk.weights.checkpoint", "format_version": 1,
      "arch": {...Scaling.as_dict(), "same_padding", "num_classes", "in_chans"},
      "preprocessing": {...Preprocessing.to_dict()},
      "classes": [...] or None, "metadata": {...},
@@ -26,9 +26,9 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .fileio import atomic_torch_save
-from .preprocessing import Preprocessing
-from .scaling import Scaling
+from ..utils.fileio import atomic_torch_save
+from ..data.preprocessing import Preprocessing
+from ..scaling import Scaling
 
 __all__ = [
     "FORMAT",
@@ -43,7 +43,7 @@ __all__ = [
     "is_checkpoint",
 ]
 
-FORMAT = "effsk.checkpoint"
+FORMAT = "effsk.weights.checkpoint"
 FORMAT_VERSION = 1
 _REQUIRED = ("arch", "preprocessing", "state_dict")
 _ARCH_FIELDS = tuple(Scaling.__dataclass_fields__) + ("same_padding", "num_classes", "in_chans")
@@ -142,7 +142,7 @@ def _plain(value, where: str):
 
 def _unwrap(model):
     """The effsk model (anything :func:`effsk.nn.build` makes) inside DDP / torch.compile wrappers."""
-    from .scaling import Scaling
+    from ..scaling import Scaling
 
     while not isinstance(getattr(model, "scaling", None), Scaling):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
@@ -216,7 +216,7 @@ def save_checkpoint(path, model, preprocessing: Preprocessing, *, classes=None, 
 
 
 def _effsk_version() -> str:
-    from . import __version__
+    from .._version import __version__
 
     return __version__
 

@@ -31,14 +31,15 @@ import torch
 from torch import nn
 
 from . import distributed
-from .augment import AUGMENT_PRESETS, train_transform
-from .checkpoint import atomic_torch_save, read_weights_file, save_checkpoint
-from .datasets import TABLE_EXTENSIONS, LabelledImages, image_folder, image_table
-from .fileio import atomic_write
-from .images import eval_transform, make_loader
+from ..data.transforms import AUGMENT_PRESETS, train_transform
+from ..weights.checkpoint import atomic_torch_save, read_weights_file, save_checkpoint
+from ..data.datasets import TABLE_EXTENSIONS, LabelledImages, image_folder, image_table
+from ..utils.fileio import atomic_write
+from ..data.images import make_loader
+from ..data.transforms import eval_transform
 from .runlog import RunLog
-from .runtime import resolve_device
-from .training import Callback, TrainConfig, Trainer, top_k_accuracy
+from ..utils.runtime import resolve_device
+from .loop import Callback, TrainConfig, Trainer, top_k_accuracy
 
 __all__ = ["Recipe", "RECIPES", "get_recipe", "PretrainResult", "pretrain", "CHECKPOINT_FILE", "STATE_FILE"]
 
@@ -59,7 +60,7 @@ class Recipe:
 
     epochs : int
     augment : str
-        A preset of :func:`effsk.augment.train_transform`.
+        A preset of :func:`effsk.data.transforms.train_transform`.
     drop_rate : float or None
         Classifier dropout; ``None`` takes the variant's (0.2 for B0 up to 0.5 for B7).
     drop_path_rate : float
@@ -477,7 +478,7 @@ def pretrain(
     save_every_steps : int, optional
         Also save the training state every this many optimiser steps (it is saved every epoch).
     device, precision : str
-        As :func:`effsk.runtime.resolve_device` / :func:`~effsk.runtime.resolve_precision` (``"auto"``:
+        As :func:`effsk.utils.runtime.resolve_device` / :func:`~effsk.utils.runtime.resolve_precision` (``"auto"``:
         bf16/fp16 autocast on GPUs, fp32 on CPU). Under torchrun each process takes ``cuda:LOCAL_RANK``.
     channels_last : bool, optional
         Default: on CUDA only.
@@ -505,7 +506,7 @@ def pretrain(
     ...                   recipe="paper", batch_size=1024)  # doctest: +SKIP
     >>> features = EfficientNetFeaturizer("b0", weights=result.checkpoint).fit_transform(paths)  # doctest: +SKIP
     """
-    from .weights import build_model
+    from ..weights.build import build_model
 
     recipe = get_recipe(recipe, **({"epochs": epochs} if epochs is not None else {}), **overrides)
     if resume not in (False, True, "auto"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fileio import atomic_write_bytes
+from ..utils.fileio import atomic_write_bytes
 from sklearn.utils.validation import check_memory
 
 __all__ = ["FeatureCache", "open_feature_cache", "weights_identity", "atomic_write_bytes"]

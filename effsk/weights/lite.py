@@ -14,8 +14,8 @@ import importlib
 import os
 import re
 
-from .preprocessing import LITE_MEAN, LITE_STD, Preprocessing
-from .scaling import Scaling
+from ..data.preprocessing import LITE_MEAN, LITE_STD, Preprocessing
+from ..scaling import Scaling
 
 __all__ = [
     "LITE_WEIGHTS_PACKAGES",

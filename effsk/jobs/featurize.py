@@ -14,10 +14,10 @@ import os
 import numpy as np
 import pandas as pd
 
-from . import distributed
-from .cache import weights_identity
-from .datasets import list_images
-from .fileio import atomic_write
+from ..training import distributed
+from ..data.cache import weights_identity
+from ..data.datasets import list_images
+from ..utils.fileio import atomic_write
 
 __all__ = ["featurize_to_parquet", "read_features"]
 

@@ -36,6 +36,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 from .preprocessing import Preprocessing
+from .transforms import eval_transform
 
 __all__ = [
     "ImageLoadError",
@@ -184,7 +185,7 @@ def load_image(item, index: int | None = None) -> torch.Tensor:
     >>> load_image("missing.jpg", index=3)
     Traceback (most recent call last):
     ...
-    effsk.images.ImageLoadError: image 3 ('missing.jpg'): file not found
+    effsk.data.images.ImageLoadError: image 3 ('missing.jpg'): file not found
     """
     path = _path_of(item)
     try:
@@ -371,30 +372,6 @@ def item_digest(item) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Model input
 # --------------------------------------------------------------------------------------------------
-
-def eval_transform(preprocessing: Preprocessing) -> Callable[[torch.Tensor], torch.Tensor]:
-    """RGB uint8 ``(3, H, W)`` -> float32 ``(3, crop, crop)``: torchvision's ImageClassification eval recipe.
-
-    Resize the shorter side to ``resize_size`` (antialiased), centre-crop ``crop_size``, scale to [0, 1],
-    normalise with ``mean`` / ``std``.
-
-    >>> t = eval_transform(Preprocessing(crop_size=32, resize_size=36))
-    >>> t(torch.zeros(3, 40, 60, dtype=torch.uint8)).shape
-    torch.Size([3, 32, 32])
-    """
-    return v2.Compose(
-        [
-            v2.Resize(
-                preprocessing.resize_size,
-                interpolation=InterpolationMode(preprocessing.interpolation),
-                antialias=True,
-            ),
-            v2.CenterCrop(preprocessing.crop_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std)),
-        ]
-    )
-
 
 class ImageDataset(Dataset):
     """Streams ``X``: entry ``p`` -> ``(transform(image), index, error)``, decoding on access.

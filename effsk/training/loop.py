@@ -12,7 +12,7 @@ all-gather along dim 0, used to reduce training loss and to collect validation o
 that must stay quiet.
 
 Resuming mid-epoch replays the epoch's batch order and skips the batches already done. A sampler
-with ``set_start_index(i)`` (such as :class:`effsk.distributed.ResumableDistributedSampler`) skips
+with ``set_start_index(i)`` (such as :class:`effsk.training.distributed.ResumableDistributedSampler`) skips
 them without loading; with any other loader they are loaded and dropped.
 
 Checkpoint and resume with a callback (write atomically: temp file, fsync, ``os.replace``)::
@@ -46,7 +46,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
-from .runtime import autocast, resolve_device, resolve_precision
+from ..utils.runtime import autocast, resolve_device, resolve_precision
 
 __all__ = [
     "TrainConfig",
@@ -72,7 +72,7 @@ class TrainConfig:
     max_epochs : int
         Epochs to run (a resumed run continues up to the same number).
     optimizer : {"adamw", "sgd", "rmsprop"}
-        ``"rmsprop"`` is TF-style (:class:`effsk.optim.RMSpropTF`), the paper's optimiser.
+        ``"rmsprop"`` is TF-style (:class:`effsk.training.optim.RMSpropTF`), the paper's optimiser.
     lr, weight_decay, momentum, betas, rmsprop_decay, eps
         Optimiser settings; weight decay skips biases and norm parameters. ``eps=None`` uses 1e-8 for
         AdamW and the TF value 1e-3 for RMSProp.
@@ -102,7 +102,7 @@ class TrainConfig:
         Stop after ``patience`` epochs without improvement of ``monitor`` (``"val_loss"``, lower is
         better, or ``"val_score"``, higher is better) and restore the best weights.
     device, precision : str
-        As :func:`effsk.runtime.resolve_device` / :func:`~effsk.runtime.resolve_precision`.
+        As :func:`effsk.utils.runtime.resolve_device` / :func:`~effsk.utils.runtime.resolve_precision`.
     channels_last : bool or None
         ``None``: channels_last memory format on CUDA only.
     seed : int or None

@@ -7,7 +7,7 @@ import os
 
 import pandas as pd
 
-from .fileio import atomic_write
+from ..utils.fileio import atomic_write
 
 __all__ = ["RunLog"]
 

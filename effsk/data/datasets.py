@@ -1,7 +1,7 @@
 """Where image collections come from: ImageFolder directories, globs, and CSV/parquet tables.
 
 Every source resolves to plain lists (paths, and labels with their class names when labelled); the
-images themselves are decoded later, in batches, by :mod:`effsk.images`.
+images themselves are decoded later, in batches, by :mod:`effsk.data.images`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The paper fixes phi = 1, enumerates depth, width and resolution bases under
 ``alpha * beta**2 * gamma**2 ~= 2`` (each phi step then about doubles the FLOPs), trains the scaled base
 model for each and keeps the best triple. :func:`search_coefficients` does the same with the shared
 training loop (:mod:`effsk.training`), one candidate per joblib task, every candidate with the same
-data split, budget and seed. It is exposed as ``effsk.scaling.search_coefficients``.
+data split, budget and seed. It is exposed as ``effsk.search_coefficients``.
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import _safe_indexing, check_random_state
 
-from .augment import AUGMENT_PRESETS, train_transform
-from .images import eval_transform, make_loader, num_images
-from .nn.cost import count_macs, count_params
-from .nn.registry import ARCHITECTURES, build
-from .preprocessing import default_preprocessing
-from .runtime import resolve_device
-from .scaling import ARCH_DEFAULTS, Scaling, compound, resolve
-from .training import TrainConfig, Trainer
+from ..data.transforms import AUGMENT_PRESETS, train_transform
+from ..data.images import make_loader, num_images
+from ..data.transforms import eval_transform
+from ..nn.cost import count_macs, count_params
+from ..nn.registry import ARCHITECTURES, build
+from ..data.preprocessing import default_preprocessing
+from ..utils.runtime import resolve_device
+from ..scaling import ARCH_DEFAULTS, Scaling, compound, resolve
+from .loop import TrainConfig, Trainer
 
 __all__ = [
     "DEFAULT_GRID",
@@ -142,7 +143,7 @@ def search_coefficients(
     Parameters
     ----------
     X : images
-        Anything :mod:`effsk.images` reads: paths, encoded bytes, PIL images, arrays, an
+        Anything :mod:`effsk.data.images` reads: paths, encoded bytes, PIL images, arrays, an
         (N,H,W,C) / (N,H,W) array or an (N,C,H,W) tensor.
     y : array-like of shape (n_samples,)
         Class labels.
@@ -164,7 +165,7 @@ def search_coefficients(
         Training budget per candidate.
     batch_size : int, default=32
     augment : {"none", "light", "randaugment", "autoaugment"}, default="none"
-        Train-time augmentation (:func:`effsk.augment.train_transform`).
+        Train-time augmentation (:func:`effsk.data.transforms.train_transform`).
     validation_fraction : float, default=0.2
         Share of the images held out (stratified by class) for scoring.
     train_config : mapping, optional
@@ -199,7 +200,7 @@ def search_coefficients(
     Examples
     --------
     >>> import numpy as np
-    >>> from effsk.scaling import search_coefficients
+    >>> from effsk import search_coefficients
     >>> rng = np.random.default_rng(0)
     >>> y = np.arange(12) % 2
     >>> X = (rng.integers(0, 60, (12, 8, 8, 3)) + 120 * y[:, None, None, None]).astype(np.uint8)
@@ -324,7 +325,7 @@ def fit_and_score(
     scaling : Scaling
         The model's config (depth, width, resolution); its ``resolution`` is the input size.
     X_train, X_val : images
-        As :func:`effsk.images.make_loader` reads them.
+        As :func:`effsk.data.images.make_loader` reads them.
     y_train, y_val : array of int
         Class indices in ``[0, num_classes)``.
     num_classes : int
@@ -332,7 +333,7 @@ def fit_and_score(
         Budget, optimiser and seed (``config.seed`` must be set).
     batch_size : int, default=32
     augment : str, default="none"
-        :func:`effsk.augment.train_transform` preset.
+        :func:`effsk.data.transforms.train_transform` preset.
     num_workers : int, default=0
 
     Returns

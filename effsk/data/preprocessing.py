@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .scaling import Scaling
+from ..scaling import Scaling
 
 __all__ = ["Preprocessing", "IMAGENET_MEAN", "IMAGENET_STD", "LITE_MEAN", "LITE_STD", "default_preprocessing"]
 

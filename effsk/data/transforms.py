@@ -1,6 +1,7 @@
-"""Train-time transforms: decoded RGB uint8 ``(3, H, W)`` -> normalised float32 ``(3, crop, crop)``.
+"""Model-input transforms: decoded RGB uint8 ``(3, H, W)`` -> normalised float32 ``(3, crop, crop)``.
 
-Presets, all torchvision.transforms.v2:
+:func:`eval_transform` is the deterministic recipe that travels with the weights; :func:`train_transform`
+adds augmentation. Train presets, all torchvision.transforms.v2:
 
 - ``"none"``: the model's eval transform (resize shorter side, centre crop), nothing random.
 - ``"light"``: random resized crop (scale 0.5-1) and horizontal flip.
@@ -17,17 +18,40 @@ from typing import Callable
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from .images import eval_transform
-
-__all__ = ["AUGMENT_PRESETS", "train_transform"]
+__all__ = ["AUGMENT_PRESETS", "eval_transform", "train_transform"]
 
 AUGMENT_PRESETS = ("none", "light", "randaugment", "autoaugment")
 
 
-def train_transform(preprocessing, augment: str = "light") -> Callable[[torch.Tensor], torch.Tensor]:
-    """The training transform for ``preprocessing`` (a :class:`~effsk.preprocessing.Preprocessing`).
+def eval_transform(preprocessing) -> Callable[[torch.Tensor], torch.Tensor]:
+    """RGB uint8 ``(3, H, W)`` -> float32 ``(3, crop, crop)``: torchvision's ImageClassification eval recipe.
 
-    >>> from effsk.preprocessing import Preprocessing
+    Resize the shorter side to ``resize_size`` (antialiased), centre-crop ``crop_size``, scale to [0, 1],
+    normalise with ``mean`` / ``std``.
+
+    >>> from effsk.data.preprocessing import Preprocessing
+    >>> t = eval_transform(Preprocessing(crop_size=32, resize_size=36))
+    >>> t(torch.zeros(3, 40, 60, dtype=torch.uint8)).shape
+    torch.Size([3, 32, 32])
+    """
+    return v2.Compose(
+        [
+            v2.Resize(
+                preprocessing.resize_size,
+                interpolation=InterpolationMode(preprocessing.interpolation),
+                antialias=True,
+            ),
+            v2.CenterCrop(preprocessing.crop_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std)),
+        ]
+    )
+
+
+def train_transform(preprocessing, augment: str = "light") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The training transform for ``preprocessing`` (a :class:`~effsk.data.preprocessing.Preprocessing`).
+
+    >>> from effsk.data.preprocessing import Preprocessing
     >>> t = train_transform(Preprocessing(crop_size=32, resize_size=36), "randaugment")
     >>> out = t(torch.zeros(3, 50, 40, dtype=torch.uint8))
     >>> out.shape, out.dtype

