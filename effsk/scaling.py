@@ -147,7 +147,6 @@ PUBLISHED: dict[str, _Published] = {
     "lite3": _Published(1.2, 1.4, 280, 0.3),
     "lite4": _Published(1.4, 1.8, 300, 0.3),
 }
-_B_NAMES = tuple(f"b{k}" for k in range(8))
 _TORCHVISION_EPS = {**{f"b{k}": 1e-5 for k in range(5)}, **{f"b{k}": 1e-3 for k in range(5, 8)}}
 _TORCHVISION_MOMENTUM = {**{f"b{k}": 0.1 for k in range(5)}, **{f"b{k}": 0.01 for k in range(5, 8)}}
 # TF reference: BN decay 0.99 (= PyTorch momentum 0.01), epsilon 1e-3.
@@ -382,41 +381,27 @@ def resolve(
     value = _check_phi_number(phi)
     if scaling == "compound":
         m = compound(value, alpha, beta, gamma)
-        return Scaling(
-            name=None,
-            phi=value,
-            mode="compound",
-            width=m.width,
-            depth=m.depth,
-            resolution=int(round(BASE_RESOLUTION * m.resolution)),
-            dropout=_official_dropout(value),
-        )
+        return _unpublished(value, "compound", m.width, m.depth, BASE_RESOLUTION * m.resolution,
+                            _official_dropout(value))
     if value.is_integer() and value <= 7:
         return _published(f"b{int(value)}", "official")
     if value < 7:
         lo, hi = int(math.floor(value)), int(math.floor(value)) + 1
         t = value - lo
         a, b = PUBLISHED[f"b{lo}"], PUBLISHED[f"b{hi}"]
-        return Scaling(
-            name=None,
-            phi=value,
-            mode="official",
-            width=_geometric(a.width, b.width, t),
-            depth=_geometric(a.depth, b.depth, t),
-            resolution=int(round(_geometric(a.resolution, b.resolution, t))),
-            dropout=_official_dropout(value),
-        )
+        return _unpublished(value, "official", _geometric(a.width, b.width, t), _geometric(a.depth, b.depth, t),
+                            _geometric(a.resolution, b.resolution, t), _official_dropout(value))
     b7 = PUBLISHED["b7"]
     m = compound(value - 7, alpha, beta, gamma)
-    return Scaling(
-        name=None,
-        phi=value,
-        mode="official",
-        width=b7.width * m.width,
-        depth=b7.depth * m.depth,
-        resolution=int(round(b7.resolution * m.resolution)),
-        dropout=b7.dropout,
-    )
+    return _unpublished(value, "official", b7.width * m.width, b7.depth * m.depth, b7.resolution * m.resolution,
+                        b7.dropout)
+
+
+def _unpublished(phi: float, mode: str, width: float, depth: float, resolution: float, dropout: float,
+                 **settings) -> Scaling:
+    """A Scaling that no published table names (resolution rounded to whole pixels)."""
+    return Scaling(name=None, phi=phi, mode=mode, width=width, depth=depth, resolution=int(round(resolution)),
+                   dropout=dropout, **settings)
 
 
 def _resolve_baseline(arch: str, phi, alpha: float, beta: float, gamma: float) -> Scaling:
@@ -430,18 +415,8 @@ def _resolve_baseline(arch: str, phi, alpha: float, beta: float, gamma: float) -
     value = float(phi)
     m = compound(value, alpha, beta, gamma)
     defaults = ARCH_DEFAULTS[arch]
-    return Scaling(
-        name=None,
-        phi=value,
-        mode="compound",
-        width=m.width,
-        depth=m.depth,
-        resolution=int(round(defaults.resolution * m.resolution)),
-        dropout=defaults.dropout,
-        bn_eps=_TORCH_BN_EPS,
-        bn_momentum=_TORCH_BN_MOMENTUM,
-        arch=arch,
-    )
+    return _unpublished(value, "compound", m.width, m.depth, defaults.resolution * m.resolution, defaults.dropout,
+                        bn_eps=_TORCH_BN_EPS, bn_momentum=_TORCH_BN_MOMENTUM, arch=arch)
 
 
 def _official_dropout(phi: float) -> float:
