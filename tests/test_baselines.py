@@ -67,6 +67,16 @@ def _assert_same_network(ours, tv, size=64, seed=0):
         assert (ours(x) - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("arch", ["resnet50", "mobilenet_v2"])
+def test_seeded_build_initialises_like_torchvision(arch):
+    # Same modules in the same order, initialised by torchvision's scheme: a seed gives the same weights.
+    torch.manual_seed(0)
+    ours = build(arch, 0)
+    torch.manual_seed(0)
+    tv = getattr(tvm, arch)()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), tv.state_dict().values(), strict=True))
+
+
 def test_resnet50_phi0_equals_torchvision():
     _assert_same_network(resnet50(0), tvm.resnet50())
 
@@ -274,10 +284,12 @@ def test_baseline_scaling_round_trips_and_drives_the_cost_model():
         (lambda: build("resnet50", True), "phi=True"),
         (lambda: build("resnet50", 0, drop_path_rate=0.1), "stochastic depth"),
         (lambda: build("resnet50", 0, same_padding=True), "same_padding"),
+        (lambda: mobilenet_v1(0, drop_path_rate=0.1), "stochastic depth"),
         (lambda: build("resnet50", 1, alpha=0.5), "alpha=0.5"),
         (lambda: build("resnet50", 1, scaling="linear"), "scaling='linear'"),
         (lambda: build("efficientnet", resolve(1, arch="resnet50")), "arch='efficientnet'.*resnet50"),
         (lambda: ResNet(resolve(0)), "arch='resnet50'"),
+        (lambda: EfficientNet(resolve(0, arch="mobilenet_v2")), "EfficientNet needs.*arch='efficientnet'"),
         (lambda: MobileNetV1(resolve(0, arch="mobilenet_v2")), "arch='mobilenet_v1'"),
         (lambda: resolve(0, arch="resnet50").stages, "arch='resnet50'"),
     ],

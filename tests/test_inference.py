@@ -121,6 +121,17 @@ def test_compile_backend_falls_back_to_eager_when_compilation_fails(models, monk
     assert _close(first, expected, 1e-4) and torch.equal(first, second)
 
 
+def test_compile_backend_intermediates_run_the_eager_stages(models, monkeypatch):
+    tv, ours, x, _ = models
+    fast = optimize_for_inference(ours, device="cpu", backend="compile")
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("forward_intermediates compiled"))
+    with torch.inference_mode():
+        got = fast.forward_intermediates(x, [4, 1])
+        for g, i in zip(got, [4, 1]):
+            assert _close(g, tv.features[: i + 1](x), 1e-4)
+    assert type(fast.features[:2]) is nn.Sequential
+
+
 def test_compile_backend_reports_bad_input_not_compiler(models):
     _, ours, _, _ = models
     fast = optimize_for_inference(ours, device="cpu", backend="compile")

@@ -44,6 +44,15 @@ def test_b0_matches_torchvision_at_224():
     assert diff < 1e-4
 
 
+def test_seeded_build_initialises_like_torchvision():
+    # Same modules in the same order, initialised by torchvision's scheme: a seed gives the same weights.
+    torch.manual_seed(0)
+    ours = efficientnet("b0")
+    torch.manual_seed(0)
+    tv = tvm.efficientnet_b0()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), tv.state_dict().values(), strict=True))
+
+
 def test_stochastic_depth_schedule_matches_torchvision():
     tv = tvm.efficientnet_b3(stochastic_depth_prob=0.2)
     ours = efficientnet("b3", drop_path_rate=0.2)

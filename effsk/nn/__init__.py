@@ -6,10 +6,12 @@ and inference preparation. May import :mod:`effsk.scaling` and :mod:`effsk.utils
 
 from .blocks import Conv2dSame, ConvBNAct, MBConv
 from .cost import count_macs, count_params
-from .efficientnet import EfficientNet, efficientnet
-from .mobilenet import MobileNetV1, MobileNetV2, mobilenet_v1, mobilenet_v2
-from .registry import ARCHITECTURES, build
-from .resnet import ResNet, resnet50
+from .efficientnet import EfficientNet
+from .mobilenet import MobileNetV1, MobileNetV2
+from .resnet import ResNet
+
+# After the submodule imports: ``effsk.nn.efficientnet`` is the function, as it always was.
+from .registry import ARCHITECTURES, build, efficientnet, mobilenet_v1, mobilenet_v2, resnet50
 
 __all__ = [
     "Conv2dSame",

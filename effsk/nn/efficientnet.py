@@ -7,18 +7,61 @@ Module names follow torchvision's ``efficientnet_bK`` exactly (``features.S.I.bl
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import Callable, Sequence
 
-import torch
 from torch import nn
 
-from ..scaling import Scaling, resolve
+from ..scaling import Scaling, StageSpec
 from .blocks import Conv2dSame, ConvBNAct, MBConv
+from .builder import stage_blocks
+from .staged import SequentialStagedModel
 
-__all__ = ["EfficientNet", "efficientnet"]
+__all__ = ["EfficientNet", "mbconv_stages"]
 
 
-class EfficientNet(nn.Module):
+def mbconv_stages(
+    specs: Sequence[StageSpec],
+    *,
+    drop_path_rate: float,
+    norm_layer: Callable[..., nn.Module],
+    activation_layer: Callable[..., nn.Module],
+    squeeze_excite: bool = True,
+    conv_layer: type[nn.Conv2d] = nn.Conv2d,
+) -> list[nn.Sequential]:
+    """EfficientNet's body: one ``nn.Sequential`` of :class:`~effsk.nn.MBConv` blocks per StageSpec.
+
+    Block i of N (counted over all stages) drops its residual with rate ``drop_path_rate * i / N``
+    (torchvision's schedule).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from effsk.scaling import resolve
+    >>> stages = mbconv_stages(resolve("b0").stages, drop_path_rate=0.2, norm_layer=nn.BatchNorm2d,
+    ...                        activation_layer=nn.SiLU)
+    >>> [len(stage) for stage in stages], stages[-1][0].stochastic_depth.p
+    ([1, 2, 2, 3, 3, 4, 1], 0.1875)
+    """
+    total_blocks = sum(spec.repeats for spec in specs)
+
+    def mbconv(spec: StageSpec, in_channels: int, stride: int, index: int) -> MBConv:
+        return MBConv(
+            in_channels,
+            spec.out_channels,
+            spec.kernel,
+            stride,
+            spec.expand_ratio,
+            drop_path_rate * index / total_blocks,
+            norm_layer=norm_layer,
+            activation_layer=activation_layer,
+            squeeze_excite=squeeze_excite,
+            conv_layer=conv_layer,
+        )
+
+    return [nn.Sequential(*blocks) for blocks in stage_blocks(specs, mbconv)]
+
+
+class EfficientNet(SequentialStagedModel):
     """An EfficientNet built from a resolved scaling config.
 
     Parameters
@@ -45,6 +88,8 @@ class EfficientNet(nn.Module):
         Width of the pooled features fed to the classifier.
     """
 
+    arch = "efficientnet"
+
     def __init__(
         self,
         scaling: Scaling,
@@ -54,142 +99,28 @@ class EfficientNet(nn.Module):
         in_chans: int = 3,
         same_padding: bool = False,
     ):
-        super().__init__()
-        self.scaling = scaling
+        super().__init__(scaling, num_classes, drop_rate)
         self.same_padding = same_padding
-        norm_layer = partial(nn.BatchNorm2d, eps=scaling.bn_eps, momentum=scaling.bn_momentum)
-        activation = nn.ReLU6 if scaling.lite else nn.SiLU
-        conv_layer = Conv2dSame if same_padding else nn.Conv2d
-        conv = partial(ConvBNAct, norm_layer=norm_layer, activation_layer=activation, conv_layer=conv_layer)
-
-        stages = scaling.stages
-        total_blocks = sum(s.repeats for s in stages)
-        layers: list[nn.Module] = [conv(in_chans, scaling.stem_channels, 3, 2)]
-        info = [dict(index=0, module="features.0", channels=scaling.stem_channels, reduction=2)]
-        block_id, reduction = 0, 2
-        for spec in stages:
-            blocks = []
-            for i in range(spec.repeats):
-                blocks.append(
-                    MBConv(
-                        spec.in_channels if i == 0 else spec.out_channels,
-                        spec.out_channels,
-                        spec.kernel,
-                        spec.stride if i == 0 else 1,
-                        spec.expand_ratio,
-                        drop_path_rate * block_id / total_blocks,
-                        norm_layer=norm_layer,
-                        activation_layer=activation,
-                        squeeze_excite=not scaling.lite,
-                        conv_layer=conv_layer,
-                    )
-                )
-                block_id += 1
-            reduction *= spec.stride
-            layers.append(nn.Sequential(*blocks))
-            info.append(dict(index=len(info), module=f"features.{len(info)}", channels=spec.out_channels, reduction=reduction))
-        layers.append(conv(stages[-1].out_channels, scaling.head_channels, 1))
-        info.append(dict(index=len(info), module=f"features.{len(info)}", channels=scaling.head_channels, reduction=reduction))
-
-        self.features = nn.Sequential(*layers)
-        self.feature_info = info
-        self.num_features = scaling.head_channels
-        self.drop_rate = scaling.dropout if drop_rate is None else float(drop_rate)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = self._make_classifier(num_classes)
-        self.num_classes = num_classes
+        layers = dict(
+            norm_layer=partial(nn.BatchNorm2d, eps=scaling.bn_eps, momentum=scaling.bn_momentum),
+            activation_layer=nn.ReLU6 if scaling.lite else nn.SiLU,
+            conv_layer=Conv2dSame if same_padding else nn.Conv2d,
+        )
+        specs = scaling.stages
+        stem = ConvBNAct(in_chans, scaling.stem_channels, 3, 2, **layers)
+        body = mbconv_stages(specs, drop_path_rate=drop_path_rate, squeeze_excite=not scaling.lite, **layers)
+        head = ConvBNAct(specs[-1].out_channels, scaling.head_channels, 1, **layers)
+        self._set_stages(
+            [[stem], *([stage] for stage in body), [head]],
+            channels=[scaling.stem_channels, *(s.out_channels for s in specs), scaling.head_channels],
+            strides=[2, *(s.stride for s in specs), 1],
+        )
+        self.classifier = self._make_classifier(inplace_dropout=True)
         self._init_weights()
 
-    def _make_classifier(self, num_classes: int) -> nn.Sequential:
-        fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        return nn.Sequential(nn.Dropout(p=self.drop_rate, inplace=True), fc)
+    def _init_fc(self, fc: nn.Linear) -> None:
+        # torchvision's EfficientNet: uniform in +-1/sqrt(num_classes), zero bias.
+        bound = 1.0 / fc.out_features**0.5
+        nn.init.uniform_(fc.weight, -bound, bound)
+        nn.init.zeros_(fc.bias)
 
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                self._init_linear(m)
-
-    @staticmethod
-    def _init_linear(m: nn.Linear) -> None:
-        bound = 1.0 / m.out_features**0.5
-        nn.init.uniform_(m.weight, -bound, bound)
-        nn.init.zeros_(m.bias)
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (``nn.Identity`` when ``num_classes=0``)."""
-        return self.classifier[1]
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a freshly initialised one of ``num_classes`` outputs."""
-        device = next(self.parameters()).device
-        self.classifier = self._make_classifier(num_classes).to(device)
-        if num_classes > 0:
-            self._init_linear(self.classifier[1])
-        self.num_classes = num_classes
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature map after the head convolution, ``(N, num_features, H/32, W/32)``."""
-        return self.features(x)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
-        """Feature maps after the given ``features`` entries (see ``feature_info``), in that order."""
-        wanted = sorted(set(int(i) for i in indices))
-        if not wanted or wanted[0] < 0 or wanted[-1] >= len(self.features):
-            raise ValueError(f"stage indices must lie in 0..{len(self.features) - 1}, got {list(indices)}")
-        maps = {}
-        for i, module in enumerate(self.features[: wanted[-1] + 1]):
-            x = module(x)
-            if i in wanted:
-                maps[i] = x
-        return [maps[int(i)] for i in indices]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the feature map; return pooled features if ``pre_logits`` else logits."""
-        x = torch.flatten(self.avgpool(x), 1)
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-def efficientnet(
-    phi="b0",
-    *,
-    num_classes: int = 1000,
-    scaling: str = "official",
-    alpha: float | None = None,
-    beta: float | None = None,
-    gamma: float | None = None,
-    drop_rate: float | None = None,
-    drop_path_rate: float = 0.2,
-    in_chans: int = 3,
-    same_padding: bool = False,
-) -> EfficientNet:
-    """Build an EfficientNet for any phi (randomly initialised; see :mod:`effsk.weights` to fill it).
-
-    Examples
-    --------
-    >>> from effsk.nn import efficientnet
-    >>> model = efficientnet("b0")
-    >>> model.num_features, sum(p.numel() for p in model.parameters())
-    (1280, 5288548)
-    >>> [f["channels"] for f in model.feature_info][1:8]
-    [16, 24, 40, 80, 112, 192, 320]
-    """
-    bases = {k: v for k, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)) if v is not None}
-    config = resolve(phi, scaling=scaling, **bases)
-    return EfficientNet(
-        config,
-        num_classes=num_classes,
-        drop_rate=drop_rate,
-        drop_path_rate=drop_path_rate,
-        in_chans=in_chans,
-        same_padding=same_padding,
-    )

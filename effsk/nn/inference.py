@@ -108,6 +108,12 @@ class _CompiledStages(nn.Sequential):
         self._compiled = None
         self._failed = False
 
+    def __getitem__(self, idx):
+        # nn.Sequential slices into its own class; a slice of stages (forward_intermediates) is eager.
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self.named_children())[idx]))
+        return super().__getitem__(idx)
+
     def _compile(self):
         # freezing: weights become constants, which lets inductor pre-pack them for oneDNN on CPU.
         return torch.compile(super().forward, options={"freezing": True})

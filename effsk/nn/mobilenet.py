@@ -10,189 +10,101 @@ Depth scales the blocks per stage (``ceil``), width scales every channel count
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
-import torch
 from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.ops import Conv2dNormActivation
 
-from ..scaling import Scaling, resolve, round_channels, round_repeats
-from .staged import StagedModel, feature_entry
+from ..scaling import Scaling, StageSpec, round_channels
+from .builder import chain_stages, scale_stages, stage_blocks
+from .staged import SequentialStagedModel
 
-__all__ = ["MobileNetV2", "MobileNetV1", "mobilenet_v2", "mobilenet_v1"]
+__all__ = ["MobileNetV2", "MobileNetV1"]
 
-#: MobileNetV2 (t, c, n, s): expansion, channels, blocks, stride; stem 32, head 1280.
-_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
-_V2_STEM, _V2_HEAD = 32, 1280
-#: MobileNetV1 (c, n, s): channels, depthwise-separable blocks, stride of the first; stem 32.
-_V1_STAGES = ((64, 1, 1), (128, 2, 2), (256, 2, 2), (512, 6, 2), (1024, 2, 2))
-_V1_STEM = 32
+#: MobileNetV2, paper Table 2: (expansion t, kernel, stride s, channels c, blocks n) after a 32-channel stem.
+_V2_STAGES = chain_stages(32, [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 3, 2, 32, 3), (6, 3, 2, 64, 4), (6, 3, 1, 96, 3),
+                               (6, 3, 2, 160, 3), (6, 3, 1, 320, 1)])
+_V2_HEAD = 1280
+#: MobileNetV1, paper Table 1: depthwise-separable 3x3 blocks (no expansion) after a 32-channel stem.
+_V1_STAGES = chain_stages(32, [(1, 3, 1, 64, 1), (1, 3, 2, 128, 2), (1, 3, 2, 256, 2), (1, 3, 2, 512, 6),
+                               (1, 3, 2, 1024, 2)])
+
+_ConvFactory = Callable[..., Conv2dNormActivation]
 
 
-class _MobileNet(StagedModel):
-    """Shared head of both MobileNets: ``features`` -> pool -> ``classifier`` (Dropout, Linear)."""
+class _MobileNet(SequentialStagedModel):
+    """Both MobileNets: a conv-BN-ReLU6 stem, the scaled stage table (``_body``), an optional head
+    conv (``_head``), then torchvision's MobileNetV2 classifier and initialisation."""
 
-    _arch: str
+    _base_stages: tuple[StageSpec, ...]
 
-    def __init__(self, scaling: Scaling, num_classes: int, drop_rate: float | None):
-        super().__init__()
-        if scaling.arch != self._arch:
-            raise ValueError(
-                f"{type(self).__name__} needs a Scaling for arch={self._arch!r}, got arch={scaling.arch!r}."
-            )
-        self.scaling = scaling
-        self.drop_rate = scaling.dropout if drop_rate is None else float(drop_rate)
-        self.num_classes = num_classes
+    def __init__(self, scaling: Scaling, num_classes: int = 1000, drop_rate: float | None = None, in_chans: int = 3):
+        super().__init__(scaling, num_classes, drop_rate)
+        norm_layer = partial(nn.BatchNorm2d, eps=scaling.bn_eps, momentum=scaling.bn_momentum)
+        conv = partial(Conv2dNormActivation, norm_layer=norm_layer, activation_layer=nn.ReLU6)
+        specs = scale_stages(self._base_stages, scaling.width, scaling.depth)
+        stem = conv(in_chans, specs[0].in_channels, stride=2)
+        body = self._body(specs, conv, norm_layer)
+        head = self._head(specs[-1].out_channels, conv)
+        self._set_stages(
+            [[stem], *body, *([m] for m in head)],
+            channels=[specs[0].in_channels, *(s.out_channels for s in specs), *(m.out_channels for m in head)],
+            strides=[2, *(s.stride for s in specs), *(1 for _ in head)],
+        )
+        self.classifier = self._make_classifier()
+        self._init_weights()
 
-    def _finish(self, features: list[nn.Module], stage_ends: list[int], info: list[dict]) -> None:
-        self.features = nn.Sequential(*features)
-        self._stage_slices = [slice(a, b) for a, b in zip([0] + stage_ends[:-1], stage_ends)]
-        self.feature_info = info
-        self.num_features = info[-1]["channels"]
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Dropout(p=self.drop_rate), self._make_fc(self.num_classes))
-        # torchvision's MobileNetV2 initialisation.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+    def _body(self, specs, conv: _ConvFactory, norm_layer) -> list[list[nn.Module]]:
+        """The modules of each block stage (each list becomes one ``feature_info`` stage)."""
+        raise NotImplementedError
 
-    def _make_fc(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        fc = nn.Linear(self.num_features, num_classes)
+    def _head(self, in_channels: int, conv: _ConvFactory) -> list[Conv2dNormActivation]:
+        """The head conv, if the network has one (its own ``feature_info`` stage)."""
+        return []
+
+    def _init_fc(self, fc: nn.Linear) -> None:
+        # torchvision's MobileNetV2: normal(0, 0.01), zero bias.
         nn.init.normal_(fc.weight, 0, 0.01)
         nn.init.zeros_(fc.bias)
-        return fc
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (``nn.Identity`` when ``num_classes=0``)."""
-        return self.classifier[1]
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a freshly initialised one of ``num_classes`` outputs."""
-        device = next(self.parameters()).device
-        self.classifier[1] = self._make_fc(num_classes).to(device)
-        self.num_classes = num_classes
-
-    def _feature_stages(self) -> list[nn.Module]:
-        return [self.features[s] for s in self._stage_slices]
-
-    def _classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(pooled)
 
 
 class MobileNetV2(_MobileNet):
-    """MobileNetV2 built from a resolved scaling config (see :func:`mobilenet_v2`).
+    """MobileNetV2 built from a resolved scaling config (see :func:`~effsk.nn.mobilenet_v2`).
 
     ``features`` is flat like torchvision's (stem, 17 blocks at phi = 0, head conv);
     ``feature_info`` has one entry per stage (stem, seven block stages, head) whose ``module`` is the
     stage's last entry of ``features``. Parameters as :class:`~effsk.nn.ResNet`.
     """
 
-    _arch = "mobilenet_v2"
+    arch = "mobilenet_v2"
+    _base_stages = _V2_STAGES
 
-    def __init__(self, scaling: Scaling, num_classes: int = 1000, drop_rate: float | None = None, in_chans: int = 3):
-        super().__init__(scaling, num_classes, drop_rate)
-        norm_layer = partial(nn.BatchNorm2d, eps=scaling.bn_eps, momentum=scaling.bn_momentum)
-        conv = partial(Conv2dNormActivation, norm_layer=norm_layer, activation_layer=nn.ReLU6)
-        channels = round_channels(_V2_STEM, scaling.width)
-        features: list[nn.Module] = [conv(in_chans, channels, stride=2)]
-        info = [feature_entry(0, "features.0", channels, 2)]
-        stage_ends, reduction = [1], 2
-        for expand, out, blocks, stride in _V2_STAGES:
-            out = round_channels(out, scaling.width)
-            for i in range(round_repeats(blocks, scaling.depth)):
-                features.append(InvertedResidual(channels, out, stride if i == 0 else 1, expand, norm_layer))
-                channels = out
-            reduction *= stride
-            stage_ends.append(len(features))
-            info.append(feature_entry(len(info), f"features.{len(features) - 1}", out, reduction))
+    def _body(self, specs, conv: _ConvFactory, norm_layer) -> list[list[nn.Module]]:
+        def inverted_residual(spec: StageSpec, in_channels: int, stride: int, index: int) -> nn.Module:
+            return InvertedResidual(in_channels, spec.out_channels, stride, spec.expand_ratio, norm_layer)
+
+        return stage_blocks(specs, inverted_residual)
+
+    def _head(self, in_channels: int, conv: _ConvFactory) -> list[Conv2dNormActivation]:
         # torchvision widens the head only for width > 1 (never narrows it).
-        head = round_channels(_V2_HEAD, max(1.0, scaling.width))
-        features.append(conv(channels, head, kernel_size=1))
-        stage_ends.append(len(features))
-        info.append(feature_entry(len(info), f"features.{len(features) - 1}", head, reduction))
-        self._finish(features, stage_ends, info)
+        return [conv(in_channels, round_channels(_V2_HEAD, max(1.0, self.scaling.width)), kernel_size=1)]
 
 
 class MobileNetV1(_MobileNet):
-    """MobileNetV1 built from a resolved scaling config (see :func:`mobilenet_v1`).
+    """MobileNetV1 built from a resolved scaling config (see :func:`~effsk.nn.mobilenet_v1`).
 
     ``features`` is the stem then one ``nn.Sequential`` per stage of depthwise-separable blocks
     (each ``0``: depthwise 3x3 conv-BN-ReLU6, ``1``: pointwise 1x1 conv-BN-ReLU6); ``feature_info``
     has one entry per ``features`` entry. Parameters as :class:`~effsk.nn.ResNet`.
     """
 
-    _arch = "mobilenet_v1"
+    arch = "mobilenet_v1"
+    _base_stages = _V1_STAGES
 
-    def __init__(self, scaling: Scaling, num_classes: int = 1000, drop_rate: float | None = None, in_chans: int = 3):
-        super().__init__(scaling, num_classes, drop_rate)
-        norm_layer = partial(nn.BatchNorm2d, eps=scaling.bn_eps, momentum=scaling.bn_momentum)
-        conv = partial(Conv2dNormActivation, norm_layer=norm_layer, activation_layer=nn.ReLU6)
-        channels = round_channels(_V1_STEM, scaling.width)
-        features: list[nn.Module] = [conv(in_chans, channels, stride=2)]
-        info = [feature_entry(0, "features.0", channels, 2)]
-        reduction = 2
-        for out, blocks, stride in _V1_STAGES:
-            out = round_channels(out, scaling.width)
-            stage = []
-            for i in range(round_repeats(blocks, scaling.depth)):
-                s = stride if i == 0 else 1
-                stage.append(nn.Sequential(conv(channels, channels, stride=s, groups=channels), conv(channels, out, 1)))
-                channels = out
-            reduction *= stride
-            features.append(nn.Sequential(*stage))
-            info.append(feature_entry(len(info), f"features.{len(info)}", out, reduction))
-        self._finish(features, list(range(1, len(features) + 1)), info)
+    def _body(self, specs, conv: _ConvFactory, norm_layer) -> list[list[nn.Module]]:
+        def separable(spec: StageSpec, in_channels: int, stride: int, index: int) -> nn.Module:
+            depthwise = conv(in_channels, in_channels, stride=stride, groups=in_channels)
+            return nn.Sequential(depthwise, conv(in_channels, spec.out_channels, 1))
 
-
-def mobilenet_v2(
-    phi: float = 0,
-    *,
-    num_classes: int = 1000,
-    alpha: float | None = None,
-    beta: float | None = None,
-    gamma: float | None = None,
-    drop_rate: float | None = None,
-    in_chans: int = 3,
-) -> MobileNetV2:
-    """Compound-scaled MobileNetV2 (randomly initialised); phi = 0 is torchvision's ``mobilenet_v2``.
-
-    Examples
-    --------
-    >>> from effsk.nn import mobilenet_v2
-    >>> model = mobilenet_v2(1)
-    >>> model.scaling.resolution, model.num_features, [f["channels"] for f in model.feature_info][1:8]
-    (258, 1408, [16, 24, 32, 72, 104, 176, 352])
-    """
-    config = resolve(phi, alpha=alpha, beta=beta, gamma=gamma, arch="mobilenet_v2")
-    return MobileNetV2(config, num_classes=num_classes, drop_rate=drop_rate, in_chans=in_chans)
-
-
-def mobilenet_v1(
-    phi: float = 0,
-    *,
-    num_classes: int = 1000,
-    alpha: float | None = None,
-    beta: float | None = None,
-    gamma: float | None = None,
-    drop_rate: float | None = None,
-    in_chans: int = 3,
-) -> MobileNetV1:
-    """Compound-scaled MobileNetV1 (randomly initialised); phi = 2 is paper Table 3's compound model
-    (d=1.4, w=1.2, r=1.3).
-
-    Examples
-    --------
-    >>> from effsk.nn import mobilenet_v1
-    >>> model = mobilenet_v1(2)
-    >>> model.scaling.resolution, [len(stage) for stage in model.features[1:]]
-    (291, [2, 3, 3, 9, 3])
-    """
-    config = resolve(phi, alpha=alpha, beta=beta, gamma=gamma, arch="mobilenet_v1")
-    return MobileNetV1(config, num_classes=num_classes, drop_rate=drop_rate, in_chans=in_chans)
+        return [[nn.Sequential(*blocks)] for blocks in stage_blocks(specs, separable)]

@@ -13,18 +13,19 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck, conv1x1
 
-from ..scaling import Scaling, resolve, round_channels, round_repeats
-from .staged import StagedModel, feature_entry
+from ..scaling import Scaling, StageSpec, round_channels, round_repeats
+from .builder import feature_info, stage_blocks
+from .staged import StagedModel
 
-__all__ = ["ResNet", "resnet50"]
+__all__ = ["ResNet"]
 
 _STEM = 64
-#: (planes, blocks, stride) of ResNet-50's four stages.
+#: (planes, blocks, stride) of ResNet-50's four stages; a Bottleneck's output is 4 x its planes.
 _RESNET50_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
 
 
 class ResNet(StagedModel):
-    """ResNet-50 built from a resolved scaling config (see :func:`resnet50`).
+    """ResNet-50 built from a resolved scaling config (see :func:`~effsk.nn.resnet50`).
 
     Parameters
     ----------
@@ -46,53 +47,37 @@ class ResNet(StagedModel):
         Width of the pooled features fed to ``fc``.
     """
 
+    arch = "resnet50"
+
     def __init__(self, scaling: Scaling, num_classes: int = 1000, drop_rate: float | None = None, in_chans: int = 3):
-        super().__init__()
-        if scaling.arch != "resnet50":
-            raise ValueError(f"ResNet needs a Scaling for arch='resnet50', got arch={scaling.arch!r}.")
-        self.scaling = scaling
+        super().__init__(scaling, num_classes, drop_rate)
         norm_layer = partial(nn.BatchNorm2d, eps=scaling.bn_eps, momentum=scaling.bn_momentum)
         stem = round_channels(_STEM, scaling.width)
         self.conv1 = nn.Conv2d(in_chans, stem, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(stem)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        info = [feature_entry(0, "relu", stem, 2)]
-        inplanes, reduction = stem, 4
-        for i, (planes, blocks, stride) in enumerate(_RESNET50_STAGES, start=1):
-            planes = round_channels(planes, scaling.width)
-            layer = _make_layer(inplanes, planes, round_repeats(blocks, scaling.depth), stride, norm_layer)
-            setattr(self, f"layer{i}", layer)
-            inplanes, reduction = planes * Bottleneck.expansion, reduction * stride
-            info.append(feature_entry(i, f"layer{i}", inplanes, reduction))
-        self.feature_info = info
-        self.num_features = inplanes
-        self.drop_rate = scaling.dropout if drop_rate is None else float(drop_rate)
+        specs = _scaled_stages(stem, scaling)
+        for i, blocks in enumerate(stage_blocks(specs, partial(_bottleneck, norm_layer=norm_layer)), start=1):
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+        self.feature_info = feature_info(
+            ["relu", "layer1", "layer2", "layer3", "layer4"],
+            channels=[stem, *(s.out_channels for s in specs)],
+            strides=[2, 2 * specs[0].stride, *(s.stride for s in specs[1:])],  # layer1 runs after maxpool
+        )
+        self.num_features = specs[-1].out_channels
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         # A parameter-free module, so the state_dict stays torchvision's.
         self.head_drop = nn.Dropout(self.drop_rate)
         self.fc = self._make_fc(num_classes)
-        self.num_classes = num_classes
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def _make_fc(self, num_classes: int) -> nn.Module:
-        # torchvision keeps nn.Linear's default initialisation for the ResNet classifier.
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
 
     def get_classifier(self) -> nn.Module:
         """The final linear layer (``nn.Identity`` when ``num_classes=0``)."""
         return self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a freshly initialised one of ``num_classes`` outputs."""
-        device = next(self.parameters()).device
-        self.fc = self._make_fc(num_classes).to(device)
-        self.num_classes = num_classes
+    def _set_classifier(self, fc: nn.Module) -> None:
+        self.fc = fc
 
     def _feature_stages(self) -> list[nn.Module]:
         return [
@@ -107,35 +92,20 @@ class ResNet(StagedModel):
         return self.fc(self.head_drop(pooled))
 
 
-def _make_layer(inplanes: int, planes: int, blocks: int, stride: int, norm_layer) -> nn.Sequential:
-    """torchvision's ``ResNet._make_layer`` for Bottleneck, without its fixed channel plan."""
-    out = planes * Bottleneck.expansion
+def _scaled_stages(stem: int, scaling: Scaling) -> list[StageSpec]:
+    """ResNet-50's stages as StageSpecs: width scales the planes (the 4x expansion stays), depth the blocks."""
+    specs, in_channels = [], stem
+    for planes, blocks, stride in _RESNET50_STAGES:
+        out = round_channels(planes, scaling.width) * Bottleneck.expansion
+        specs.append(StageSpec(Bottleneck.expansion, 3, stride, in_channels, out, round_repeats(blocks, scaling.depth)))
+        in_channels = out
+    return specs
+
+
+def _bottleneck(spec: StageSpec, in_channels: int, stride: int, index: int, *, norm_layer) -> Bottleneck:
+    """torchvision's ``ResNet._make_layer`` rule: a projection shortcut where width or stride change."""
     downsample = None
-    if stride != 1 or inplanes != out:
-        downsample = nn.Sequential(conv1x1(inplanes, out, stride), norm_layer(out))
-    layers = [Bottleneck(inplanes, planes, stride, downsample, norm_layer=norm_layer)]
-    layers += [Bottleneck(out, planes, norm_layer=norm_layer) for _ in range(1, blocks)]
-    return nn.Sequential(*layers)
-
-
-def resnet50(
-    phi: float = 0,
-    *,
-    num_classes: int = 1000,
-    alpha: float | None = None,
-    beta: float | None = None,
-    gamma: float | None = None,
-    drop_rate: float | None = None,
-    in_chans: int = 3,
-) -> ResNet:
-    """Compound-scaled ResNet-50 (randomly initialised); phi = 0 is torchvision's ``resnet50``.
-
-    Examples
-    --------
-    >>> from effsk.nn import resnet50
-    >>> model = resnet50(1)
-    >>> model.scaling.resolution, [len(model.get_submodule(f"layer{i}")) for i in range(1, 5)]
-    (258, [4, 5, 8, 4])
-    """
-    config = resolve(phi, alpha=alpha, beta=beta, gamma=gamma, arch="resnet50")
-    return ResNet(config, num_classes=num_classes, drop_rate=drop_rate, in_chans=in_chans)
+    if stride != 1 or in_channels != spec.out_channels:
+        downsample = nn.Sequential(conv1x1(in_channels, spec.out_channels, stride), norm_layer(spec.out_channels))
+    planes = spec.out_channels // spec.expand_ratio
+    return Bottleneck(in_channels, planes, stride, downsample, norm_layer=norm_layer)
