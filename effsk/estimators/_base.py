@@ -187,7 +187,7 @@ def derived_from_model(model: torch.nn.Module, slot: str, key, compute):
     entries = _DERIVED.setdefault(model, {})
     entry = entries.get(slot)
     if entry is None or entry[0] != fingerprint or entry[1] != key:
-        entry = entries.pop(slot, None)  # freed before computing its replacement (device memory)
+        entry = entries[slot] = None  # drop the stale value before computing its replacement (device memory)
         entry = entries[slot] = (fingerprint, key, compute(model))
     return entry[2]
 
