@@ -41,7 +41,7 @@ def _add_featurize(sub) -> None:
     p = sub.add_parser("featurize", help="images (directory, glob, CSV/parquet column) -> parquet of features keyed by path")
     p.add_argument("source", help="a directory, a glob pattern (quote it), or a .csv/.parquet table")
     p.add_argument("output", help="the parquet file to write")
-    p.add_argument("--phi", default="lite0", help="variant name or phi (default: lite0, whose weights ship with effsk)")
+    p.add_argument("--phi", default=None, help="variant name or phi (default: EfficientNetFeaturizer's default phi)")
     p.add_argument("--weights", default="imagenet", help="'imagenet', 'none', or a checkpoint path")
     p.add_argument("--scaling", choices=["official", "compound"], default="official")
     p.add_argument("--pooling", default="avg", choices=["avg", "max", "avgmax", "gem"])
@@ -62,7 +62,7 @@ def _run_featurize(args) -> int:
     from .jobs.featurize import featurize_to_parquet
 
     featurizer = EfficientNetFeaturizer(
-        _parse_phi(args.phi),
+        EfficientNetFeaturizer().phi if args.phi is None else _parse_phi(args.phi),  # the estimator's own default
         weights=None if args.weights.lower() == "none" else args.weights,
         scaling=args.scaling,
         pooling=args.pooling,

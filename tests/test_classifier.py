@@ -1,6 +1,7 @@
 """EfficientNetClassifier: learning, freezing, weights, multi-label, model selection, reproducibility,
 persistence and bad input. Tiny runs: b0 at 32 px, a few dozen synthetic images."""
 
+import copy
 import io
 import pickle
 
@@ -12,6 +13,7 @@ from PIL import Image
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils.class_weight import compute_sample_weight
+from fitted_state import FittedState, assert_pickle_carries_only_the_fitted_state, remeasured_eval_outputs
 from synthetic import tinted_images
 
 import effsk.weights
@@ -19,6 +21,7 @@ from effsk.estimators import EfficientNetClassifier
 from effsk.estimators import _finetune
 from effsk.data.images import ImageLoadError
 from effsk.nn import EfficientNet
+from effsk.weights.checkpoint import save_checkpoint
 
 NAMES = np.array(["red", "green", "blue"])
 SMALL = dict(weights=None, resolution=32, max_epochs=1, batch_size=8, early_stopping=False, random_state=0)
@@ -236,3 +239,53 @@ def test_loader_workers_keep_fits_reproducible(small_data):
     first = EfficientNetClassifier(**params).fit(X, y).predict_proba(X[:8])
     second = EfficientNetClassifier(**params).fit(X, y).predict_proba(X[:8])
     np.testing.assert_array_equal(first, second)
+
+
+def test_predict_leaves_the_fitted_state_alone_and_never_runs_model_(small_fit, small_data):
+    X, y = small_data
+    clf = copy.deepcopy(small_fit)
+    before, pickled = FittedState(clf), pickle.dumps(clf)
+    ran = []  # the hook travels into copies of model_, and names the module it fires on
+    hook = clf.model_.register_forward_pre_hook(lambda module, args: ran.append(module))
+    expected = clf.predict_proba(X)
+    clf.predict(X[:3]), clf.predict_log_proba(X[:3]), clf.score(X, y)
+    hook.remove()
+    assert ran and not any(module is clf.model_ for module in ran)
+    # predictions run on the prepared copy: BatchNorm folded into the convolutions
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for module in ran for m in module.modules())
+    before.assert_unchanged(clf)
+    restored = assert_pickle_carries_only_the_fitted_state(clf, pickled)
+    np.testing.assert_array_equal(restored.predict_proba(X), expected)
+
+
+def test_predictions_through_the_folded_copy_match_the_unfolded_model(small_fit, small_data):
+    X, _ = small_data
+    clf = copy.deepcopy(small_fit)
+    stale = clf.predict_log_proba(X)
+    reference = torch.log_softmax(remeasured_eval_outputs(clf, X), dim=1).numpy()  # new BatchNorm statistics
+    log_proba = clf.predict_log_proba(X)
+    scale = np.abs(reference - reference.mean(axis=0)).max()
+    assert np.abs(stale - reference).max() > 1e-2 * scale  # the copy follows the edited weights
+    np.testing.assert_allclose(log_proba, reference, rtol=0, atol=1e-4 * scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_predicting_on_a_gpu_leaves_the_cpu_model_where_it_is(small_fit, small_data):
+    X, _ = small_data
+    clf = copy.deepcopy(small_fit)
+    before = FittedState(clf)
+    on_gpu = clf.set_params(device="cuda", precision="fp32").predict_proba(X)
+    clf.set_params(device=small_fit.device, precision=small_fit.precision)
+    before.assert_unchanged(clf)
+    np.testing.assert_allclose(on_gpu, small_fit.predict_proba(X), rtol=0, atol=1e-3)
+
+
+def test_phi_none_fine_tunes_the_checkpoints_variant(small_fit, small_data, tmp_path):
+    X, y = small_data
+    path = save_checkpoint(tmp_path / "clf.pt", small_fit.model_, small_fit.preprocessing_, classes=small_fit.classes_.tolist())
+    clf = EfficientNetClassifier(None, **{**SMALL, "weights": path}).fit(X, y)
+    assert clf.model_.scaling == small_fit.model_.scaling and clf.preprocessing_ == small_fit.preprocessing_
+    assert clf.predict(X[:4]).shape == (4,)
+    for weights in ("imagenet", None):
+        with pytest.raises(ValueError, match=r"EfficientNetClassifier: phi=None .* effsk checkpoint"):
+            EfficientNetClassifier(None, **{**SMALL, "weights": weights}).fit(X, y)

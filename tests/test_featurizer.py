@@ -28,6 +28,8 @@ from effsk import EfficientNetFeaturizer
 import effsk.weights
 from effsk.data.images import ImageLoadError, ImageLoadWarning
 from effsk.weights import build_model
+from effsk.weights.checkpoint import save_checkpoint
+from fitted_state import FittedState, assert_pickle_carries_only_the_fitted_state
 
 CROP, RESIZE = 64, 73  # b0's 224/256 recipe at resolution 64
 N_IMAGES = 6
@@ -286,7 +288,6 @@ def test_cache_writes_are_atomic(tmp_path, monkeypatch):
 def test_pickle_and_joblib_round_trips_transform_identically(fitted, paths, tmp_path):
     expected = fitted.transform(paths)
     state = fitted.__getstate__()
-    assert state["_prepared"] is None  # the device copy never travels
     assert all(t.device.type == "cpu" for t in state["model_"].state_dict().values())
     restored = pickle.loads(pickle.dumps(fitted))
     np.testing.assert_array_equal(restored.transform(paths), expected)
@@ -385,3 +386,56 @@ APPLICABLE_CHECKS = [
 @pytest.mark.parametrize("check", APPLICABLE_CHECKS)
 def test_sklearn_estimator_checks(check):
     getattr(estimator_checks, check)("EfficientNetFeaturizer", _featurizer())
+
+
+def test_transform_leaves_the_fitted_state_alone_and_pickles_without_copies(fitted, paths, tmp_path):
+    featurizer = _with(fitted, memory=tmp_path / "cache")  # the cache needs the weights' identity too
+    before, pickled = FittedState(featurizer), pickle.dumps(featurizer)
+    expected = featurizer.transform(paths)
+    before.assert_unchanged(featurizer)
+    featurizer.set_params(precision="bf16")  # another prepared copy of the same model
+    before = FittedState(featurizer)
+    featurizer.transform(paths[:2])
+    before.assert_unchanged(featurizer)
+    featurizer.set_params(precision="auto")
+    restored = assert_pickle_carries_only_the_fitted_state(featurizer, pickled)
+    np.testing.assert_array_equal(restored.transform(paths), expected)
+
+
+def test_editing_the_fitted_weights_reaches_the_next_transform(fitted, photos, tmp_path):
+    featurizer = _with(fitted, memory=tmp_path / "cache")
+    first = featurizer.transform(photos)
+    with torch.no_grad():
+        featurizer.model_.features[0][0].weight.mul_(1.01)
+    second = featurizer.transform(photos)  # neither a stale prepared copy nor stale cached rows
+    assert np.abs(second - first).max() > 1e-4 * np.abs(first).max()
+    np.testing.assert_array_equal(second, _with(featurizer, memory=None).transform(photos))
+
+
+def test_phi_none_takes_the_checkpoints_variant(fitted, photos, tmp_path):
+    path = save_checkpoint(tmp_path / "b0.pt", fitted.model_, fitted.preprocessing_)
+    from_checkpoint = EfficientNetFeaturizer(None, weights=path).fit()
+    assert from_checkpoint.scaling_.name == "b0" and from_checkpoint.preprocessing_ == fitted.preprocessing_
+    for key, value in fitted.model_.state_dict().items():
+        assert torch.equal(from_checkpoint.model_.state_dict()[key], value), key
+    assert_close_scaled(from_checkpoint.transform(photos), fitted.transform(photos), 1e-6)
+    for weights in ("imagenet", None):
+        with pytest.raises(ValueError, match=r"EfficientNetFeaturizer: phi=None .* effsk checkpoint"):
+            EfficientNetFeaturizer(None, weights=weights).fit()
+    torch.save(fitted.model_.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="phi=None needs an effsk checkpoint"):
+        EfficientNetFeaturizer(None, weights=tmp_path / "plain.pt").fit()
+
+
+def test_cli_featurize_defaults_to_the_estimators_phi(monkeypatch, tmp_path):
+    import effsk.jobs.featurize
+    from effsk.cli import main
+
+    seen = []
+    monkeypatch.setattr(effsk.jobs.featurize, "featurize_to_parquet",
+                        lambda source, output, *, featurizer, **kwargs: seen.append(featurizer.phi) or output)
+    assert main(["featurize", str(tmp_path), str(tmp_path / "out.parquet"), "--quiet"]) == 0
+    # a default the command line cannot have copied as a literal
+    monkeypatch.setattr(EfficientNetFeaturizer.__init__, "__defaults__", ("b3",))
+    assert main(["featurize", str(tmp_path), str(tmp_path / "out.parquet"), "--quiet"]) == 0
+    assert seen == ["b0", "b3"] and EfficientNetFeaturizer().phi == "b3"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 from sklearn.metrics import r2_score
+from fitted_state import FittedState, assert_pickle_carries_only_the_fitted_state, remeasured_eval_outputs
 from synthetic import channel_mix_images
 
 from effsk.estimators import EfficientNetRegressor
@@ -65,3 +66,16 @@ def test_regressor_bad_input(data):
         reg.fit(X[:4], ["a", "b", "c", "d"])
     with pytest.raises(ValueError, match="1-D or 2-D"):
         reg.fit(X[:4], np.zeros((4, 2, 2)))
+
+
+def test_predictions_through_the_folded_copy_match_the_unfolded_model(data):
+    X, Y, _, _ = data
+    reg = EfficientNetRegressor(**SMALL).fit(X[:32], Y[:32, 1])
+    before, pickled = FittedState(reg), pickle.dumps(reg)
+    stale = reg.predict(X[:32])
+    before.assert_unchanged(reg)
+    assert_pickle_carries_only_the_fitted_state(reg, pickled)
+    reference = remeasured_eval_outputs(reg, X[:32]).numpy()[:, 0] * reg.target_scale_ + reg.target_mean_
+    scale = np.abs(reference - reference.mean()).max()
+    assert np.abs(stale - reference).max() > 1e-2 * scale  # the copy follows the edited weights
+    np.testing.assert_allclose(reg.predict(X[:32]), reference, rtol=0, atol=1e-4 * scale)

@@ -1,30 +1,43 @@
-"""Shared pieces of the effsk estimators: parameter constraints, model building, device and precision."""
+"""Shared pieces of the effsk estimators: parameter constraints and their documentation, model
+building, device and precision, and the one inference path (a prepared copy of ``model_``)."""
 
 from __future__ import annotations
 
+import copy
 import os
+import re
+import weakref
 from numbers import Integral, Real
 
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+from tqdm.auto import tqdm
 
+from ..data.images import make_loader
+from ..nn.inference import optimize_for_inference
 from ..nn.registry import ARCHITECTURES
-from ..utils.runtime import PRECISIONS, resolve_device, resolve_precision
+from ..training.loop import _explain_oom
+from ..utils.runtime import PRECISIONS, autocast, resolve_device, resolve_precision
 from ..scaling import SCALING_MODES, Scaling
 from .. import weights as _weights
 
 __all__ = [
     "MODEL_PARAMETER_CONSTRAINTS",
     "RUNTIME_PARAMETER_CONSTRAINTS",
+    "PARAMETER_DOCS",
+    "document_parameters",
     "build_estimator_model",
     "resolve_runtime",
+    "derived_from_model",
+    "prepared_model",
+    "PreparedInferenceMixin",
 ]
 
-#: Parameters that define the network: ``phi`` (a published name, a number >= 0 or a Scaling),
-#: ``arch``, ``weights``, and the compound rule (``scaling``, ``alpha``, ``beta``, ``gamma``; ``None``
-#: means the arch's own bases).
+#: Parameters that define the network: ``phi`` (a published name, a number >= 0, a Scaling, or
+#: ``None`` for a checkpoint's own variant), ``arch``, ``weights``, and the compound rule.
 MODEL_PARAMETER_CONSTRAINTS = {
-    "phi": [str, Interval(Real, 0, None, closed="left"), Scaling],
+    "phi": [str, Interval(Real, 0, None, closed="left"), Scaling, None],
     "arch": [StrOptions(set(ARCHITECTURES))],
     "weights": [None, str, os.PathLike],
     "scaling": [StrOptions(set(SCALING_MODES))],
@@ -42,10 +55,91 @@ RUNTIME_PARAMETER_CONSTRAINTS = {
     "verbose": ["verbose"],
 }
 
+#: numpydoc entries of the parameters every estimator shares, written once; a tuple of names is a
+#: group of entries (see :func:`document_parameters`).
+PARAMETER_DOCS = {
+    "model_parameters": ("phi", "weights", "arch", "scaling", "alpha_beta_gamma"),
+    "phi": """\
+phi : str, float, Scaling or None, default="b0"
+    The variant: a published name (``"b0"``..``"b7"``, ``"lite0"``..``"lite4"``), a compound
+    coefficient >= 0 (see :func:`effsk.scaling.resolve`) or a :class:`~effsk.scaling.Scaling`.
+    ``None`` takes the variant stored in ``weights``, which must then be an effsk checkpoint.""",
+    "weights": """\
+weights : "imagenet", None or path, default="imagenet"
+    Published ImageNet weights, random initialisation (``None``), or a file: an effsk checkpoint
+    or a torchvision-format state_dict.""",
+    "arch": """\
+arch : {"efficientnet", "resnet50", "mobilenet_v2", "mobilenet_v1"}, default="efficientnet"
+    The network phi scales; the compound-scaled baselines of paper Table 3 are built the same way.""",
+    "scaling": """\
+scaling : {"official", "compound"}, default="official"
+    How a numeric phi becomes width, depth and resolution (see :func:`effsk.scaling.resolve`).""",
+    "alpha_beta_gamma": """\
+alpha, beta, gamma : float, default=None
+    Depth, width and resolution bases of the compound rule, which ``scaling="compound"`` uses for
+    every numeric phi, ``"official"`` beyond phi = 7, and the baselines in both modes. ``None``
+    uses the arch's own (:data:`effsk.scaling.ARCH_DEFAULTS`; EfficientNet: 1.2, 1.1, 1.15).""",
+    "batch_size": """\
+batch_size : int, default=32
+    Images per forward pass.""",
+    "device": """\
+device : str or torch.device, default="auto"
+    ``"auto"`` picks cuda, then mps, then cpu. Read each time the network runs, so an estimator
+    fitted on a GPU machine also works on a CPU-only one.""",
+    "precision": """\
+precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
+    Autocast dtype: ``"auto"`` is bf16 (or fp16) on GPUs and fp32 on CPU.""",
+    "num_workers": """\
+num_workers : int, default=0
+    DataLoader workers that read and decode images.""",
+    "verbose": """\
+verbose : int, default=0
+    Show progress bars (and, when training, one line per epoch).""",
+    "model_": """\
+model_ : torch.nn.Module
+    The network, in eval mode on the CPU. Predictions run on a prepared copy of it (BatchNorm
+    folded, channels_last, on ``device``), which is never part of the estimator's state.""",
+    "preprocessing_": """\
+preprocessing_ : effsk.data.preprocessing.Preprocessing
+    Resize, crop and normalisation applied to every image.""",
+}
+
+_PLACEHOLDER = re.compile(r"^([ \t]*)\{(\w+)\}[ \t]*$", re.MULTILINE)
+
+
+def document_parameters(*tables: dict):
+    """Class decorator: every docstring line that is just ``{name}`` becomes the shared numpydoc
+    entry ``name`` of :data:`PARAMETER_DOCS` and ``tables`` (later tables win; a group's entries are
+    looked up there too), indented like the placeholder."""
+    entries = {k: v for table in (PARAMETER_DOCS, *tables) for k, v in table.items()}
+
+    def text(name: str) -> str:
+        if name not in entries:
+            raise KeyError(f"docstring placeholder {{{name}}} names no shared parameter entry")
+        entry = entries[name]
+        return entry if isinstance(entry, str) else "\n".join(text(member) for member in entry)
+
+    def fill(match: re.Match) -> str:
+        indent, name = match.groups()
+        return "\n".join(indent + line if line else line for line in text(name).splitlines())
+
+    def decorate(cls):
+        if cls.__doc__:  # None under python -OO
+            cls.__doc__ = _PLACEHOLDER.sub(fill, cls.__doc__)
+        return cls
+
+    return decorate
+
 
 def build_estimator_model(estimator, *, num_classes: int = 0, **kwargs):
     """``(model, preprocessing)`` for an estimator's ``phi``, ``weights``, ``scaling``, ``alpha``,
     ``beta`` and ``gamma``, through the one seam :func:`effsk.weights.build_model`."""
+    if estimator.phi is None and (estimator.weights is None or str(estimator.weights).strip().lower() == "imagenet"):
+        raise ValueError(
+            f"{type(estimator).__name__}: phi=None means the variant stored in a checkpoint, so weights must be "
+            f"the path of an effsk checkpoint; got weights={estimator.weights!r}. Pass a phi (e.g. 'b0') or a "
+            "checkpoint path."
+        )
     # through the module attribute, so that tests (and users) may substitute the builder
     return _weights.build_model(
         estimator.phi,
@@ -64,3 +158,112 @@ def resolve_runtime(estimator) -> tuple[torch.device, torch.dtype | None]:
     """The estimator's ``device`` and its autocast dtype (``None`` = fp32) from ``precision``."""
     device = resolve_device(estimator.device)
     return device, resolve_precision(estimator.precision, device)
+
+
+# -- values derived from a fitted model, cached outside the estimator ------------------------------
+
+# model -> {slot: (fingerprint of the weights, key, value)}. Weakly keyed, so an entry lives exactly as
+# long as its model; a module-level table rather than an attribute, so that predicting never changes an
+# estimator's state and pickles never carry the (device) copies.
+_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_fingerprint(model: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of ``model`` is replaced, moved or modified in place
+    (an optimiser step, ``load_state_dict``, ``.to()``): tensors bump their version counter on every
+    in-place write, and a replaced or moved tensor has another identity or address."""
+    return tuple(
+        (id(t), t.data_ptr(), -1 if t.is_inference() else t._version)
+        for t in (*model.parameters(), *model.buffers())
+    )
+
+
+def derived_from_model(model: torch.nn.Module, slot: str, key, compute):
+    """``compute(model)``, cached per ``model`` and ``slot`` while ``key`` and the weights stay the same.
+
+    One value per slot is kept: asking with another ``key`` (say, another device) replaces it.
+    """
+    fingerprint = _weights_fingerprint(model)
+    entries = _DERIVED.setdefault(model, {})
+    entry = entries.get(slot)
+    if entry is None or entry[0] != fingerprint or entry[1] != key:
+        entry = entries[slot] = None  # drop the stale value before computing its replacement (device memory)
+        entry = entries[slot] = (fingerprint, key, compute(model))
+    return entry[2]
+
+
+def prepared_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
+    """The inference copy of a fitted ``model``: frozen, eval mode, BatchNorm folded into the
+    convolutions, channels_last, weights in ``dtype`` (the autocast dtype; ``None`` = fp32) on
+    ``device``. ``model`` itself is left untouched; the copy is cached until its weights change."""
+    return derived_from_model(
+        model,
+        "inference",
+        (str(device), dtype),
+        lambda m: optimize_for_inference(m, device=device, dtype=dtype, channels_last=True, fold_bn=True),
+    )
+
+
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` with every tensor on the CPU, without a second copy on the GPU."""
+    memo = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.detach().to("cpu", copy=True)
+    return copy.deepcopy(model, memo)
+
+
+class PreparedInferenceMixin:
+    """The one inference path of the estimators: batches of images through :func:`prepared_model`.
+
+    Needs ``model_``, ``preprocessing_``, ``batch_size``, ``num_workers``, ``device``, ``precision``
+    and ``verbose``. Subclasses say what a batch gives in :meth:`_network_outputs`.
+    """
+
+    def _prepared_inference(self) -> tuple[torch.nn.Module, torch.device, torch.dtype | None]:
+        """``(prepared copy of model_, device, autocast dtype)`` for the current runtime parameters."""
+        check_is_fitted(self, "model_")
+        device, dtype = resolve_runtime(self)
+        return prepared_model(self.model_, device, dtype), device, dtype
+
+    def _inference_loader(self, X, device: torch.device, **kwargs):
+        return make_loader(
+            X,
+            self.preprocessing_,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=device.type == "cuda",
+            **kwargs,
+        )
+
+    def _progress(self, total: int, desc: str):
+        return tqdm(total=total, disable=not self.verbose, unit="img", desc=desc)
+
+    def _network_outputs(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """What one batch gives: here the network's outputs (logits or regression values)."""
+        return model(images)
+
+    def _forward_batch(self, model, images, device, dtype) -> torch.Tensor:
+        """One batch ``(B, 3, H, W)`` through the prepared ``model`` -> float32 rows on ``device``."""
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with _explain_oom(images, "predicting on"), autocast(device, dtype):
+            return self._network_outputs(model, images).float()
+
+    def _forward(self, X) -> torch.Tensor:
+        """Network outputs for every image of ``X``, float32 on the CPU."""
+        model, device, dtype = self._prepared_inference()
+        loader = self._inference_loader(X, device)
+        rows = []
+        with self._progress(len(loader.dataset), "predict") as progress, torch.inference_mode():
+            for images, _ in loader:
+                rows.append(self._forward_batch(model, images, device, dtype).cpu())
+                progress.update(len(images))
+        return torch.cat(rows)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # object.__getstate__ hands out the live __dict__
+        if state.get("model_") is not None:
+            # The network travels on the CPU, so a model fitted on a GPU unpickles anywhere.
+            state["model_"] = _cpu_copy(state["model_"])
+        return state

@@ -1,33 +1,37 @@
-"""Fine-tuning estimators' shared machinery: data split, loaders, phases, persistence.
+"""Fine-tuning estimators' shared machinery: data split, loaders, phases, shared documentation.
 
 :class:`EfficientNetClassifier` and :class:`EfficientNetRegressor` differ only in how targets become
 network outputs and losses; everything else (model building, freezing schedule, the training loop,
-reproducibility, pickling) lives here once.
+reproducibility) lives here once. Prediction and pickling are the featurizer's too
+(:class:`~effsk.estimators._base.PreparedInferenceMixin`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, _fit_context
 from sklearn.model_selection import train_test_split
 from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
 
 from ..data.transforms import AUGMENT_PRESETS, train_transform
 from ..data.images import ImageLoadError, make_loader, num_images
 from ..data.transforms import eval_transform
 from ..training.optim import OPTIMIZERS
-from ..utils.runtime import PRECISIONS, resolve_device, resolve_precision
-from ..training.loop import FREEZE_MODES, TrainConfig, Trainer, evaluate
-from ._base import MODEL_PARAMETER_CONSTRAINTS, build_estimator_model
+from ..utils.runtime import resolve_device
+from ..training.loop import FREEZE_MODES, TrainConfig, Trainer
+from ._base import (
+    MODEL_PARAMETER_CONSTRAINTS,
+    RUNTIME_PARAMETER_CONSTRAINTS,
+    PreparedInferenceMixin,
+    build_estimator_model,
+)
 
-__all__ = ["FineTuneEstimator"]
+__all__ = ["FineTuneEstimator", "FINETUNE_PARAMETER_DOCS"]
 
 # Training batches used to recompute BatchNorm statistics before each validation ("precise BN"):
 # on short fine-tuning runs the running averages lag the weights and spoil eval-mode predictions.
@@ -58,18 +62,96 @@ class IndexedLoss:
         return (losses * weights).sum() / weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
-class FineTuneEstimator(BaseEstimator):
+#: numpydoc entries of the parameters and attributes the classifier and the regressor share.
+FINETUNE_PARAMETER_DOCS = {
+    "training_parameters": (
+        "resolution", "freeze", "head_epochs", "max_epochs", "lr", "batch_size", "optimizer", "weight_decay",
+        "augment", "drop_rate_drop_path_rate", "validation_fraction", "early_stopping", "patience",
+    ),
+    "runtime_parameters": ("device", "precision", "num_workers", "random_state", "verbose", "warm_start"),
+    "fitted_attributes": ("model_", "preprocessing_", "history_", "best_epoch_"),
+    "weights": """\
+weights : "imagenet", None or path, default="imagenet"
+    Starting weights: published ImageNet weights, random initialisation (``None``), or a file (an
+    effsk checkpoint or a torchvision-format state_dict). A head of another size than the task's
+    is replaced by a fresh one, initialised at zero.""",
+    "resolution": """\
+resolution : int, optional
+    Train and predict at this crop size instead of the variant's.""",
+    "freeze": """\
+freeze : {"auto", "none", "backbone", "bn"} or int, default="auto"
+    What stays fixed while training. ``"none"``: nothing. ``"backbone"``: only the head trains
+    (BatchNorm statistics frozen too). int k: the stem and the first k stages are frozen.
+    ``"bn"``: every weight trains, BatchNorm statistics stay as loaded. ``"auto"`` is ``"none"``:
+    with pretrained weights, the head first trains alone for ``head_epochs``.""",
+    "head_epochs": """\
+head_epochs : int, default=1
+    Epochs (out of ``max_epochs``) to train the head alone before unfreezing, when starting from
+    pretrained weights (fastai's ``fine_tune``). Ignored with ``weights=None``,
+    ``freeze="backbone"`` and warm starts.""",
+    "max_epochs": """\
+max_epochs : int, default=10
+    Epochs in all, head epochs included.""",
+    "lr": """\
+lr : float, default=1e-3
+    Peak learning rate, reached after a warm-up (the first tenth of each phase, at most one
+    epoch) and followed by a cosine decay.""",
+    "batch_size": """\
+batch_size : int, default=32
+    Images per step (at least 2: BatchNorm cannot train on one) and per forward pass.""",
+    "optimizer": """\
+optimizer : {"adamw", "sgd", "rmsprop"}, default="adamw"
+    The optimiser (see :mod:`effsk.training.optim`).""",
+    "weight_decay": """\
+weight_decay : float, default=0.01
+    Not applied to biases and normalisation parameters.""",
+    "augment": """\
+augment : {"none", "light", "randaugment", "autoaugment"}, default="light"
+    Training-time augmentation (see :mod:`effsk.data.transforms`).""",
+    "drop_rate_drop_path_rate": """\
+drop_rate, drop_path_rate : float, optional
+    Classifier dropout and stochastic depth (default: the variant's).""",
+    "validation_fraction": """\
+validation_fraction : float, default=0.1
+    Share of the images held out for early stopping (stratified by class for single-label
+    classification).""",
+    "early_stopping": """\
+early_stopping : bool, default=True
+    Stop when the validation loss has not improved for ``patience`` epochs; keep the best weights.""",
+    "patience": """\
+patience : int, default=3
+    Epochs without improvement of the validation loss before stopping.""",
+    "random_state": """\
+random_state : int, RandomState or None, default=None
+    Seeds the initialisation, the validation split, shuffling, augmentation and dropout. Fits
+    with the same int on CPU give identical predictions.""",
+    "warm_start": """\
+warm_start : bool, default=False
+    Continue from the fitted weights (same targets) instead of starting over.""",
+    "history_": """\
+history_ : list of dict
+    One record per epoch: ``epoch``, ``phase`` (``"head"``/``"train"``), ``train_loss``,
+    ``val_loss``, ``val_score`` (accuracy, or R^2 for the regressor), ``lr``, ``seconds``,
+    ``images_per_second``.""",
+    "best_epoch_": """\
+best_epoch_ : int
+    Index in ``history_`` of the epoch whose weights the model holds.""",
+}
+
+
+class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
     """Shared base of the fine-tuning estimators (not public). Subclasses define the target
     handling: ``_prepare_targets``, ``_per_sample_loss``, ``_validation_score``."""
 
     _parameter_constraints: dict = {
         **MODEL_PARAMETER_CONSTRAINTS,
+        **RUNTIME_PARAMETER_CONSTRAINTS,
+        "batch_size": [Interval(Integral, 2, None, closed="left")],  # BatchNorm cannot train on a batch of one
         "resolution": [Interval(Integral, 8, None, closed="left"), None],
         "freeze": [StrOptions({"auto", *FREEZE_MODES}), Interval(Integral, 0, None, closed="left")],
         "head_epochs": [Interval(Integral, 0, None, closed="left")],
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "lr": [Interval(Real, 0, None, closed="neither")],
-        "batch_size": [Interval(Integral, 2, None, closed="left")],
         "optimizer": [StrOptions(set(OPTIMIZERS))],
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "augment": [StrOptions(set(AUGMENT_PRESETS))],
@@ -78,11 +160,7 @@ class FineTuneEstimator(BaseEstimator):
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "early_stopping": ["boolean"],
         "patience": [Interval(Integral, 1, None, closed="left")],
-        "device": [str, torch.device],
-        "precision": [StrOptions(set(PRECISIONS))],
-        "num_workers": [Interval(Integral, 0, None, closed="left")],
         "random_state": ["random_state"],
-        "verbose": ["verbose"],
         "warm_start": ["boolean"],
     }
 
@@ -119,6 +197,7 @@ class FineTuneEstimator(BaseEstimator):
 
     # -- fit ----------------------------------------------------------------------------------------
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
         """Fine-tune on images ``X`` and targets ``y``.
 
@@ -136,7 +215,6 @@ class FineTuneEstimator(BaseEstimator):
         -------
         self
         """
-        self._validate_params()
         n = num_images(X)
         if n < 2:
             raise ValueError(f"X has {n} image(s); fitting needs at least 2")
@@ -159,6 +237,7 @@ class FineTuneEstimator(BaseEstimator):
             loss = IndexedLoss(self._per_sample_loss, targets, weights)
             metric = _IndexedMetric(self._validation_score, loss)
             self._train(X, train_idx, val_idx, loss, metric, seed, device, warm)
+        self.model_.cpu()  # the fitted network rests on the CPU; predictions run on a prepared copy
         return self
 
     def _build(self, n_outputs: int) -> None:
@@ -262,51 +341,6 @@ class FineTuneEstimator(BaseEstimator):
             # the epoch whose weights the model now holds
             self.best_epoch_ = offset + (trainer.best_epoch if config.early_stopping else len(history) - 1)
         self.model_.eval()
-
-    # -- inference ------------------------------------------------------------------------------
-
-    def _forward(self, X) -> torch.Tensor:
-        """Network outputs for ``X`` as float32 on the CPU."""
-        check_is_fitted(self, "model_")
-        device = resolve_device(self.device)
-        channels_last = device.type == "cuda"
-        memory_format = torch.channels_last if channels_last else torch.preserve_format
-        self.model_.to(device, memory_format=memory_format)
-        loader = make_loader(
-            X,
-            self.preprocessing_,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        outputs, _ = evaluate(
-            self.model_,
-            loader,
-            device=device,
-            amp_dtype=resolve_precision(self.precision, device),
-            channels_last=channels_last,
-            progress=bool(self.verbose),
-        )
-        return outputs
-
-    # -- persistence ------------------------------------------------------------------------------
-
-    def __getstate__(self):
-        state = dict(super().__getstate__())  # object.__getstate__ hands out the live __dict__
-        if "model_" in state:
-            # The network travels on the CPU, so a model fitted on a GPU unpickles anywhere.
-            state["model_"] = _cpu_copy(self.model_)
-        return state
-
-
-def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of ``model`` with every tensor on the CPU, without a second copy on the GPU."""
-    memo = {}
-    for p in model.parameters():
-        memo[id(p)] = torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = b.detach().to("cpu", copy=True)
-    return copy.deepcopy(model, memo)
 
 
 class _IndexedMetric:

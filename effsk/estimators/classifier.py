@@ -13,87 +13,34 @@ from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
-from ._finetune import FineTuneEstimator, _check_sample_weight
+from ._base import document_parameters
+from ._finetune import FINETUNE_PARAMETER_DOCS, FineTuneEstimator, _check_sample_weight
 
 __all__ = ["EfficientNetClassifier"]
 
 
+@document_parameters(FINETUNE_PARAMETER_DOCS)
 class EfficientNetClassifier(ClassifierMixin, FineTuneEstimator):
     """Fine-tune an EfficientNet to classify images (single- or multi-label).
 
     Parameters
     ----------
-    phi : str or float, default="b0"
-        Published variant (``"b0"``..``"b7"``, ``"lite0"``..``"lite4"``) or compound coefficient >= 0.
-    weights : {"imagenet"}, path or None, default="imagenet"
-        Starting weights (a head of another size is replaced by a fresh one, initialised at zero).
-        ``None``: random initialisation.
-    scaling : {"official", "compound"}, default="official"
-        How a numeric phi resolves (see :func:`effsk.scaling.resolve`).
-    arch : {"efficientnet", "resnet50", "mobilenet_v2", "mobilenet_v1"}, default="efficientnet"
-        The network phi scales; the compound-scaled baselines of paper Table 3 are built the same way.
-    alpha, beta, gamma : float, default=None
-        Compound bases; ``None`` uses the arch's own (EfficientNet: 1.2, 1.1, 1.15).
-        Compound-scaling bases (used with ``scaling="compound"``).
-    resolution : int, optional
-        Train and predict at this crop size instead of the variant's.
-    freeze : {"auto", "none", "backbone", "bn"} or int, default="auto"
-        What stays fixed while training. ``"none"``: nothing. ``"backbone"``: only the classifier
-        head trains (BatchNorm statistics frozen too). int k: the stem and the first k stages are
-        frozen. ``"bn"``: every weight trains, BatchNorm statistics stay as loaded. ``"auto"`` is
-        ``"none"``: with pretrained weights, the head first trains alone for ``head_epochs``.
-    head_epochs : int, default=1
-        Epochs (out of ``max_epochs``) to train the head alone before unfreezing, when starting from
-        pretrained weights (fastai's ``fine_tune``). Ignored with ``weights=None``,
-        ``freeze="backbone"`` and warm starts.
-    max_epochs : int, default=10
-        Epochs in all, head epochs included.
-    lr : float, default=1e-3
-        Peak learning rate, reached after a warm-up (the first tenth of each phase, at most one
-        epoch) and followed by a cosine decay.
-    batch_size : int, default=32
-    optimizer : {"adamw", "sgd", "rmsprop"}, default="adamw"
-    weight_decay : float, default=0.01
-        Not applied to biases and normalisation parameters.
+    {model_parameters}
+    {training_parameters}
     label_smoothing : float, default=0.1
         Single-label only.
-    augment : {"none", "light", "randaugment", "autoaugment"}, default="light"
-        Training-time augmentation (see :mod:`effsk.data.transforms`).
-    drop_rate, drop_path_rate : float, optional
-        Classifier dropout and stochastic depth (default: the variant's).
-    validation_fraction : float, default=0.1
-        Share of the images held out (stratified by class) for early stopping.
-    early_stopping : bool, default=True
-        Stop when the validation loss has not improved for ``patience`` epochs; keep the best weights.
-    patience : int, default=3
     class_weight : dict, "balanced" or None, default=None
         Loss weight per class, as in scikit-learn (``"balanced"``: n_samples / (n_classes * count)).
         Multiplies ``sample_weight``. Single-label only.
-    device : str, default="auto"
-    precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
-    num_workers : int, default=0
-        DataLoader workers.
-    random_state : int, RandomState or None, default=None
-        Seeds the initialisation, the validation split, shuffling, augmentation and dropout. Fits
-        with the same int on CPU give identical predictions.
-    verbose : int, default=0
-        Progress bars and one line per epoch.
-    warm_start : bool, default=False
-        Continue from the fitted weights (same classes) instead of starting over.
+    {runtime_parameters}
 
     Attributes
     ----------
     classes_ : ndarray
         Class labels (for multi-label ``y``: ``arange(n_labels)``).
     multilabel_ : bool
-    model_ : torch.nn.Module
-        The fine-tuned network (eval mode).
-    preprocessing_ : effsk.data.preprocessing.Preprocessing
-    history_ : list of dict
-        One record per epoch: ``epoch``, ``phase`` (``"head"``/``"train"``), ``train_loss``,
-        ``val_loss``, ``val_score`` (accuracy), ``lr``, ``seconds``, ``images_per_second``.
-    best_epoch_ : int
-        Index in ``history_`` of the epoch whose weights the model holds.
+        Whether ``y`` was a multi-label indicator matrix.
+    {fitted_attributes}
 
     Examples
     --------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import numbers
 import os
 import warnings
@@ -14,13 +13,18 @@ from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ..data.cache import open_feature_cache, weights_identity
-from ..data.images import ON_ERROR, ImageLoadWarning, _items, item_digest, make_loader, num_images
-from ..nn.inference import optimize_for_inference
-from ..utils.runtime import autocast
-from ._base import MODEL_PARAMETER_CONSTRAINTS, RUNTIME_PARAMETER_CONSTRAINTS, build_estimator_model, resolve_runtime
+from ..data.images import ON_ERROR, ImageLoadWarning, _items, item_digest, num_images
+from ._base import (
+    MODEL_PARAMETER_CONSTRAINTS,
+    RUNTIME_PARAMETER_CONSTRAINTS,
+    PreparedInferenceMixin,
+    build_estimator_model,
+    derived_from_model,
+    document_parameters,
+    resolve_runtime,
+)
 
 __all__ = ["EfficientNetFeaturizer", "POOLINGS"]
 
@@ -43,14 +47,6 @@ def _pool(feature_map: torch.Tensor, pooling: str) -> torch.Tensor:
     return x.clamp(min=_GEM_EPS).pow(GEM_P).mean((2, 3)).pow(1.0 / GEM_P)
 
 
-def _inference_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
-    """The one place a fitted model is prepared for inference: a frozen eval copy on ``device`` with
-    BatchNorm folded into the convolutions, channels_last weights, and weights in ``dtype`` (the
-    autocast dtype; ``None`` = fp32). ``model`` itself (what gets pickled) stays untouched on the CPU.
-    """
-    return optimize_for_inference(model, device=device, dtype=dtype, channels_last=True, fold_bn=True)
-
-
 class _Digests(Dataset):
     """Content digests of the items of ``X``, computed in DataLoader workers like decoding."""
 
@@ -64,23 +60,13 @@ class _Digests(Dataset):
         return item_digest(self._items[index])
 
 
-class EfficientNetFeaturizer(TransformerMixin, BaseEstimator):
+@document_parameters()
+class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstimator):
     """Images -> pooled features of an EfficientNet backbone.
 
     Parameters
     ----------
-    phi : str or float, default="b0"
-        Variant: a published name (``"b0"``..``"b7"``, ``"lite0"``..``"lite4"``) or a compound
-        coefficient >= 0 (see :func:`effsk.scaling.resolve`).
-    weights : "imagenet", None or path, default="imagenet"
-        Published ImageNet weights, random initialisation (``None``), or a checkpoint file.
-    scaling : {"official", "compound"}, default="official"
-        How a numeric phi becomes width, depth and resolution.
-    arch : {"efficientnet", "resnet50", "mobilenet_v2", "mobilenet_v1"}, default="efficientnet"
-        The network phi scales; the compound-scaled baselines of paper Table 3 are built the same way.
-    alpha, beta, gamma : float, default=None
-        Compound bases; ``None`` uses the arch's own (EfficientNet: 1.2, 1.1, 1.15).
-        Depth, width and resolution bases of the compound rule.
+    {model_parameters}
     pooling : {"avg", "max", "avgmax", "gem"}, default="avg"
         Global pooling of each feature map; ``"avgmax"`` is the mean of average and max pooling,
         ``"gem"`` generalised-mean pooling with p = 3.
@@ -90,30 +76,22 @@ class EfficientNetFeaturizer(TransformerMixin, BaseEstimator):
     resolution : int, optional
         Crop size fed to the network; defaults to the weights' preprocessing (the resize keeps its
         ratio to the crop).
-    batch_size : int, default=32
-        Images per forward pass.
-    device : str or torch.device, default="auto"
-        ``"auto"`` picks cuda, then mps, then cpu. Read at transform time, so a featurizer fitted on a
-        GPU machine transforms on a CPU-only one.
-    precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
-        Autocast dtype: ``"auto"`` is bf16 (or fp16) on GPUs and fp32 on CPU.
-    num_workers : int, default=0
-        DataLoader workers that read and decode images.
+    {batch_size}
+    {device}
+    {precision}
+    {num_workers}
     memory : str, path or joblib.Memory, optional
         Where to cache feature rows per image, keyed on image content and everything that changes
         features; reruns and cross-validation folds reuse them.
     on_error : {"raise", "nan"}, default="raise"
         What an image that cannot be loaded does: raise :class:`~effsk.data.images.ImageLoadError`, or
         give a row of NaN (with one :class:`~effsk.data.images.ImageLoadWarning` listing the failures).
-    verbose : int, default=0
-        Show a progress bar while featurizing.
+    {verbose}
 
     Attributes
     ----------
-    model_ : EfficientNet
-        The backbone (kept on the CPU; a prepared copy runs on ``device``).
-    preprocessing_ : Preprocessing
-        Resize, crop and normalisation applied to every image.
+    {model_}
+    {preprocessing_}
     scaling_ : Scaling
         The resolved variant.
     layers_ : list of int
@@ -209,10 +187,12 @@ class EfficientNetFeaturizer(TransformerMixin, BaseEstimator):
             preprocessing = preprocessing.with_resolution(self.resolution)
         self.preprocessing_ = preprocessing
         self.scaling_ = model.scaling
-        self._n_features_out = sum(model.feature_info[i]["channels"] for i in self.layers_)
-        self._prepared = None
-        self._weights_id = None
         return self
+
+    @property
+    def _n_features_out(self) -> int:
+        """Output width (scikit-learn's name for it); derived from the fitted model and layers."""
+        return sum(self.model_.feature_info[i]["channels"] for i in self.layers_)
 
     def _resolve_layers(self, model) -> list[int]:
         n = len(model.feature_info)
@@ -257,34 +237,23 @@ class EfficientNetFeaturizer(TransformerMixin, BaseEstimator):
                 if row is not None:
                     features[i] = row
             todo = np.array([i for i, row in enumerate(cached) if row is None], dtype=np.int64)
-        failures = self._featurize(X, todo, features, device, dtype, cache, keys) if len(todo) else []
+        failures = self._featurize(X, todo, features, cache, keys) if len(todo) else []
         if failures:
             _warn_failures(failures, n)
         return features
 
-    def _featurize(self, X, todo, features, device, dtype, cache, keys) -> list:
+    def _featurize(self, X, todo, features, cache, keys) -> list:
         """Fill ``features[todo]``; return the load failures as ``(index, path, reason)``."""
-        model = self._prepared_model(device, dtype)
-        loader = make_loader(
-            X,
-            self.preprocessing_,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=device.type == "cuda",
-            on_error=self.on_error,
-            indices=todo,
-            return_errors=True,
-        )
+        model, device, dtype = self._prepared_inference()
+        loader = self._inference_loader(X, device, on_error=self.on_error, indices=todo, return_errors=True)
         failures = []
-        progress = tqdm(total=len(todo), disable=not self.verbose, unit="img", desc=f"effsk {self.scaling_.label}")
-        with progress, torch.inference_mode():
+        with self._progress(len(todo), f"effsk {self.scaling_.label}") as progress, torch.inference_mode():
             for images, indices, errors in loader:
                 indices = indices.numpy()
                 failed = np.isin(indices, [index for index, _, _ in errors])
                 if failed.any():
                     images[torch.from_numpy(failed)] = 0  # NaN placeholders never enter the network
-                rows = self._forward_batch(model, images.to(device, non_blocking=True), device, dtype)
-                rows = rows.cpu().numpy()
+                rows = self._forward_batch(model, images, device, dtype).cpu().numpy()
                 rows[failed] = np.nan
                 features[indices] = rows
                 if cache is not None:
@@ -294,31 +263,21 @@ class EfficientNetFeaturizer(TransformerMixin, BaseEstimator):
                 progress.update(len(indices))
         return failures
 
-    def _forward_batch(self, model, images, device, dtype) -> torch.Tensor:
-        """One batch through the network: ``(B, 3, H, W)`` on ``device`` -> ``(B, n_features)`` float32."""
-        images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            maps = model.forward_intermediates(images, self.layers_)
+    def _network_outputs(self, model, images) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, n_features)``: the chosen feature maps, pooled and concatenated."""
+        maps = model.forward_intermediates(images, self.layers_)
         return torch.cat([_pool(feature_map, self.pooling) for feature_map in maps], dim=1)
-
-    def _prepared_model(self, device, dtype):
-        key = (str(device), dtype)
-        prepared = getattr(self, "_prepared", None)
-        if prepared is None or prepared[0] != key:
-            prepared = self._prepared = (key, _inference_model(self.model_, device, dtype))
-        return prepared[1]
 
     # ----------------------------------------------------------------------------------------------
     def _feature_cache(self, device, dtype):
         if self.memory is None:
             return None
-        if getattr(self, "_weights_id", None) is None:
-            self._weights_id = weights_identity(self.model_)
         config = {
             "model": type(self.model_).__name__,
             "scaling": self.scaling_.as_dict(),
             "same_padding": bool(getattr(self.model_, "same_padding", False)),
-            "weights": self._weights_id,
+            # hashed once per set of weights, outside the estimator's state
+            "weights": derived_from_model(self.model_, "weights_identity", None, weights_identity),
             "preprocessing": self.preprocessing_.to_dict(),
             "pooling": self.pooling,
             "gem_p": GEM_P,
@@ -347,14 +306,6 @@ class EfficientNetFeaturizer(TransformerMixin, BaseEstimator):
             stem = prefix if head_only else f"{prefix}_l{layer}"
             names.extend(f"{stem}_{i}" for i in range(self.model_.feature_info[layer]["channels"]))
         return np.asarray(names, dtype=object)
-
-    def __getstate__(self):
-        state = dict(super().__getstate__())
-        state["_prepared"] = None  # a device copy; rebuilt on demand wherever the estimator is loaded
-        model = state.get("model_")
-        if model is not None and any(t.device.type != "cpu" for t in model.state_dict().values()):
-            state["model_"] = copy.deepcopy(model).cpu()
-        return state
 
 
 def _warn_failures(failures: list, n: int) -> None:

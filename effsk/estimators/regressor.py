@@ -7,34 +7,36 @@ import torch
 from sklearn.base import RegressorMixin
 from sklearn.metrics import r2_score
 
-from ._finetune import FineTuneEstimator
+from ._base import document_parameters
+from ._finetune import FINETUNE_PARAMETER_DOCS, FineTuneEstimator
 
 __all__ = ["EfficientNetRegressor"]
 
 
+@document_parameters(FINETUNE_PARAMETER_DOCS)
 class EfficientNetRegressor(RegressorMixin, FineTuneEstimator):
     """Fine-tune an EfficientNet to regress one or several continuous targets from images.
 
     Targets are standardised internally (zero mean, unit variance per target) and the loss is the
     (sample-weighted) mean squared error on that scale; :meth:`predict` returns the original units
-    and :meth:`score` is R^2.
+    and :meth:`score` is R^2. The regression head starts at zero, so the first predictions are the
+    training mean.
 
     Parameters
     ----------
-    phi, weights, scaling, alpha, beta, gamma, resolution, freeze, head_epochs, max_epochs, lr, \
-batch_size, optimizer, weight_decay, augment, drop_rate, drop_path_rate, validation_fraction, \
-early_stopping, patience, device, precision, num_workers, random_state, verbose, warm_start
-        As for :class:`~effsk.estimators.EfficientNetClassifier` (the validation split is not
-        stratified, and the validation score is R^2). The regression head starts at zero, so the
-        first predictions are the training mean.
+    {model_parameters}
+    {training_parameters}
+    {runtime_parameters}
 
     Attributes
     ----------
     n_outputs_ : int
+        Number of targets.
+    single_output_ : bool
+        Whether ``y`` was 1-D; :meth:`predict` then returns shape ``(n_samples,)``.
     target_mean_, target_scale_ : ndarray of shape (n_outputs_,)
         The standardisation of ``y``.
-    model_, preprocessing_, history_, best_epoch_
-        As for the classifier.
+    {fitted_attributes}
 
     Examples
     --------
@@ -131,7 +133,7 @@ early_stopping, patience, device, precision, num_workers, random_state, verbose,
             self.target_mean_ = y2.mean(axis=0)
             self.target_scale_ = np.where(scale > 0, scale, 1.0)
             self.n_outputs_ = y2.shape[1]
-            self._single_output = y.ndim == 1
+            self.single_output_ = y.ndim == 1
         targets = torch.as_tensor((y2 - self.target_mean_) / self.target_scale_, dtype=torch.float32)
         return targets, None, self.n_outputs_
 
@@ -146,4 +148,4 @@ early_stopping, patience, device, precision, num_workers, random_state, verbose,
     def predict(self, X) -> np.ndarray:
         """Predicted targets in the units of ``y``: ``(n_samples,)`` or ``(n_samples, n_outputs)``."""
         out = self._forward(X).double().numpy() * self.target_scale_ + self.target_mean_
-        return out.ravel() if self._single_output else out
+        return out.ravel() if self.single_output_ else out
