@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from .._version import __version__
 from ..utils.fileio import atomic_torch_save
 from ..data.preprocessing import Preprocessing
 from ..scaling import Scaling
@@ -36,6 +37,7 @@ __all__ = [
     "CheckpointError",
     "atomic_torch_save",
     "read_weights_file",
+    "as_state_dict",
     "architecture",
     "save_checkpoint",
     "load_checkpoint",
@@ -53,6 +55,7 @@ class CheckpointError(ValueError):
     """A weights file that cannot be used: unreadable, unsafe, not a checkpoint, or for another model."""
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _REFUSED = re.compile(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\n\n|$)", re.S)
 
 
@@ -90,6 +93,30 @@ def read_weights_file(path):
         raise _unreadable(path, exc) from None
     except Exception as exc:  # torch raises RuntimeError / EOFError / KeyError / ... for damaged files
         raise _unreadable(path, exc) from None
+
+
+def as_state_dict(obj, path) -> dict:
+    """A loaded weights file as a plain state_dict, without the prefixes DistributedDataParallel
+    (``module.``) and ``torch.compile`` (``_orig_mod.``) add; a CheckpointError saying what the file
+    holds instead when it is not one."""
+    if isinstance(obj, Mapping) and obj and all(isinstance(k, str) for k in obj) and all(
+        isinstance(v, torch.Tensor) for v in obj.values()
+    ):
+        state_dict = dict(obj)
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+        return state_dict
+    hint = ""
+    if isinstance(obj, Mapping):
+        nested = [k for k, v in obj.items() if isinstance(v, Mapping)]
+        if nested:
+            key = nested[0]
+            hint = f"; if the weights sit under {key!r}, save that entry alone: torch.save(obj[{key!r}], path)"
+    raise CheckpointError(
+        f"{os.fspath(path)!r} is not a weights file effsk can use: expected an effsk checkpoint or a state_dict "
+        f"(a dict of parameter names to tensors), found {describe_loaded(obj)}{hint}"
+    )
 
 
 def _unreadable(path: str, exc: Exception) -> CheckpointError:
@@ -142,8 +169,6 @@ def _plain(value, where: str):
 
 def _unwrap(model):
     """The effsk model (anything :func:`effsk.nn.build` makes) inside DDP / torch.compile wrappers."""
-    from ..scaling import Scaling
-
     while not isinstance(getattr(model, "scaling", None), Scaling):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
@@ -204,7 +229,7 @@ def save_checkpoint(path, model, preprocessing: Preprocessing, *, classes=None, 
         "preprocessing": preprocessing.to_dict(),
         "classes": classes,
         "metadata": _plain(dict(metadata or {}), "metadata"),
-        "effsk_version": _effsk_version(),
+        "effsk_version": __version__,
         "torch_version": torch.__version__.split("+")[0],
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
@@ -213,12 +238,6 @@ def save_checkpoint(path, model, preprocessing: Preprocessing, *, classes=None, 
             raise ValueError(f"extra entry {key!r} would overwrite the checkpoint's own {key!r}")
         payload[key] = _plain(value, f"extra[{key!r}]")
     return atomic_torch_save(payload, path)
-
-
-def _effsk_version() -> str:
-    from .._version import __version__
-
-    return __version__
 
 
 def is_checkpoint(obj) -> bool:
