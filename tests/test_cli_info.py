@@ -37,8 +37,10 @@ def test_info_reports_locally_cached_weights(tmp_path, monkeypatch, capsys):
     (checkpoints / EfficientNet_B0_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]).write_bytes(b"x")
     assert main(["info", "--phi", "b0", "b1", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    # every registered weights name of the variant, and whether it is on this machine
-    assert [r["weights"] for r in rows] == ["imagenet: cached", "imagenet: download, imagenet_v2: download"]
+    # every registered weights name of the variant, and those on this machine
+    assert [r["weights"] for r in rows] == ["imagenet, tf_imagenet, advprop, noisy_student",
+                                            "imagenet, imagenet_v2, tf_imagenet, advprop, noisy_student"]
+    assert [r["on_machine"] for r in rows] == ["imagenet", "-"]
 
 
 def test_info_bad_phi_is_a_clear_error(capsys):
@@ -63,5 +65,5 @@ def test_info_reads_published_counts_and_counts_only_the_rest(monkeypatch, capsy
     assert counted == ["b2", "lite0", "lite1", "lite2", "lite3", "lite4"]
     assert counted_params == ["lite3", "lite4"]  # no published weights: nothing to read
     assert abs(rows.loc["b2", "gflops"] - 1.0) < 0.1  # paper Table 2: B2 1.0B at 260
-    assert rows.loc["lite3", "weights"] == "-"
-    assert rows.loc["lite0", "weights"].startswith("imagenet: ")
+    assert rows.loc["lite3", "weights"] == rows.loc["lite3", "on_machine"] == "-"
+    assert rows.loc["lite0", "weights"] == "imagenet"

@@ -19,7 +19,8 @@ __all__ = ["family_table", "render"]
 
 def family_table(phis=None, scaling: str = "official", resolution: int | None = None) -> pd.DataFrame:
     """One row per variant: name, phi, width, depth, resolution, params, GFLOPs (multiply-adds),
-    dropout, and every registered weights name with whether it is on this machine.
+    dropout, every registered weights name (``weights``) and those already on this machine
+    (``on_machine``: in the torch hub cache, or in an installed package).
 
     >>> family_table(["b0", 1.5])[["name", "resolution", "weights"]].values.tolist()[1]
     ['phi=1.5', 250, '-']
@@ -30,6 +31,7 @@ def family_table(phis=None, scaling: str = "official", resolution: int | None = 
         s = resolve(phi, scaling=scaling)
         res = resolution or s.resolution
         params, macs = _cost(s, res)
+        entries = list_weights(s)
         rows.append(
             {
                 "name": s.label,
@@ -40,7 +42,8 @@ def family_table(phis=None, scaling: str = "official", resolution: int | None = 
                 "params": params,
                 "gflops": round(macs / 1e9, 3),
                 "dropout": round(s.dropout, 3),
-                "weights": ", ".join(f"{e.name}: {e.source.status()}" for e in list_weights(s)) or "-",
+                "weights": ", ".join(e.name for e in entries) or "-",
+                "on_machine": ", ".join(e.name for e in entries if e.source.local_file()) or "-",
             }
         )
     return pd.DataFrame(rows)

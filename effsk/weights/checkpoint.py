@@ -26,6 +26,11 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+try:  # optional: only .safetensors files (the Hugging Face Hub's format) need it
+    from safetensors.torch import load_file as load_safetensors
+except ImportError:  # pragma: no cover - depends on the environment
+    load_safetensors = None
+
 from .._version import __version__
 from ..utils.fileio import atomic_torch_save
 from ..data.preprocessing import Preprocessing
@@ -60,7 +65,8 @@ _REFUSED = re.compile(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed gl
 
 
 def read_weights_file(path):
-    """Load a weights file with ``torch.load(weights_only=True, map_location="cpu")``.
+    """Load a weights file with ``torch.load(weights_only=True, map_location="cpu")``, or a
+    ``.safetensors`` file with safetensors (which holds tensors only).
 
     Raises
     ------
@@ -77,6 +83,8 @@ def read_weights_file(path):
         raise CheckpointError(f"weights path {path!r} is a directory; expected a checkpoint file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"weights file {path!r} is empty (0 bytes); expected a torch.save checkpoint")
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -117,6 +125,20 @@ def as_state_dict(obj, path) -> dict:
         f"{os.fspath(path)!r} is not a weights file effsk can use: expected an effsk checkpoint or a state_dict "
         f"(a dict of parameter names to tensors), found {describe_loaded(obj)}{hint}"
     )
+
+
+def _read_safetensors(path: str) -> dict:
+    if load_safetensors is None:
+        raise CheckpointError(f"weights file {path!r} is a safetensors file; reading it needs the safetensors "
+                              "package: pip install safetensors")
+    try:
+        return load_safetensors(path, device="cpu")
+    except Exception as exc:  # safetensors raises SafetensorError / OSError for damaged files
+        reason = str(exc).splitlines()[0] if str(exc) else "no further detail"
+        raise CheckpointError(
+            f"weights file {path!r} ({os.path.getsize(path):,} bytes) cannot be read as safetensors: it is "
+            f"truncated, corrupt or not a safetensors file ({type(exc).__name__}: {reason[:200]})"
+        ) from None
 
 
 def _unreadable(path: str, exc: Exception) -> CheckpointError:

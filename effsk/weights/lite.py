@@ -51,7 +51,7 @@ def convert_lite_state_dict(state_dict, scaling: Scaling) -> dict:
         squeeze-excite weights of a B model, or a block index beyond the variant's block count), naming
         the key.
     """
-    if not scaling.lite or scaling.arch != "efficientnet":
+    if not scaling.lite:
         raise ValueError(f"only the Lite variants take this layout, not {scaling.label}")
     positions = [(stage + 1, i, spec.expand_ratio != 1)
                  for stage, spec in enumerate(scaling.stages) for i in range(spec.repeats)]

