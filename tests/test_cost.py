@@ -45,3 +45,11 @@ def test_params_and_flops_grow_monotonically_with_phi():
     # compound scaling: FLOPs ~ 2^phi (alpha * beta^2 * gamma^2 = 1.92)
     ratio = count_macs(4.0, scaling="compound") / count_macs(0.0, scaling="compound")
     assert 1.92**4 * 0.7 < ratio < 1.92**4 * 1.3
+
+
+def test_counts_of_one_config_are_reused_and_options_are_not_mixed_up():
+    # torchvision b0 without its classifier (1280 x 1000 weights + 1000 biases): REFERENCE.md's count.
+    assert count_params("b0", num_classes=0) == TV_PARAMS[0] - 1_281_000
+    assert count_params("b0") == TV_PARAMS[0]
+    assert count_macs("b0", 64) < count_macs("b0", 224) == count_macs("b0")
+    assert count_params("b0", arch="efficientnet") == TV_PARAMS[0]

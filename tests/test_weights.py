@@ -14,11 +14,16 @@ import pytest
 import torch
 import torchvision.models as tvm
 from torch import nn
-from torchvision.models import EfficientNet_B0_Weights
+from torchvision.models import EfficientNet_B0_Weights, EfficientNet_B1_Weights, get_model_weights
 
 from effsk.weights.checkpoint import CheckpointError
 from effsk.data.preprocessing import Preprocessing
 from effsk.weights import WeightsNotFoundError, build_model, imagenet_weights_file, imagenet_weights_status
+from effsk.weights.registry import get_weights, list_weights, variant_preprocessing
+from effsk.weights.timm_layout import convert_timm_state_dict
+from effsk.nn import efficientnet
+from effsk.scaling import resolve
+from synthetic import randomise_batchnorm
 
 REAL_DOWNLOAD = torch.hub.download_url_to_file  # before the autouse fixture replaces it
 B0 = EfficientNet_B0_Weights.IMAGENET1K_V1
@@ -230,3 +235,95 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, offline, monkeypat
     assert not marker.exists()
     pickle.loads(via_pickle.read_bytes())  # control: an unsafe loader does run the payload
     assert marker.exists()
+
+
+# -- the registry -----------------------------------------------------------------------------------
+
+# REFERENCE.md: torchvision params and GFLOPs (at its eval crop) and the paper's top-1 of b0..b7.
+REF_PARAMS = [5_288_548, 7_794_184, 9_109_994, 12_233_232, 19_341_616, 30_389_784, 43_040_704, 66_347_960]
+REF_GFLOPS = [0.386, 0.687, 1.088, 1.827, 4.394, 10.266, 19.068, 37.746]
+PAPER_TOP1 = [77.1, 79.1, 80.1, 81.6, 82.9, 83.6, 84.0, 84.3]
+REF_EVAL = {"b0": (256, 224), "b1": (256, 240), "b2": (288, 288), "b3": (320, 300), "b4": (384, 380),
+            "b5": (456, 456), "b6": (528, 528), "b7": (600, 600)}  # REFERENCE.md (resize, crop), bicubic
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_registry_imagenet_entries_are_torchvisions_weights_with_reference_facts(k):
+    entry = get_weights(f"b{k}", "imagenet")
+    enum = get_model_weights(f"efficientnet_b{k}").IMAGENET1K_V1
+    assert entry.source.url == enum.url and entry.preprocessing == Preprocessing.from_torchvision(enum)
+    resize, crop = REF_EVAL[f"b{k}"]
+    assert (entry.preprocessing.resize_size, entry.preprocessing.crop_size, entry.preprocessing.interpolation) == (
+        resize, crop, "bicubic")
+    assert (entry.meta.params, entry.meta.gflops, entry.meta.paper_top1) == (REF_PARAMS[k], REF_GFLOPS[k], PAPER_TOP1[k])
+    assert not entry.same_padding and entry.bn_eps is None
+    assert variant_preprocessing(f"b{k}") == entry.preprocessing  # random init and plain files: the same recipe
+
+
+def test_registry_lists_every_torchvision_weights_name_and_reads_any_spelling(offline):
+    assert [e.name for e in list_weights("b1")] == ["imagenet", "imagenet_v2", "tf_imagenet", "advprop", "noisy_student"]
+    v2 = get_weights("b1", "ImageNet-V2")
+    assert v2.source.url == EfficientNet_B1_Weights.IMAGENET1K_V2.url
+    assert v2.preprocessing.interpolation == "bilinear"  # V2's own recipe, not V1's
+    with pytest.raises(ValueError, match="'imagenet_v2'.*exist for b1"):
+        get_weights("b0", "imagenet_v2")
+    with pytest.raises(ValueError, match="'imagenet21k' is not a registered weights name"):
+        get_weights("b0", "imagenet21k")
+    with pytest.raises(WeightsNotFoundError, match="Weights 'imagenet_v2' of 'b1' are not on this machine"):
+        build_model("b1", " IMAGENET_v2 ")
+
+
+def test_imagenet_weights_load_under_any_spelling(offline, tv_b0, images):
+    offline.mkdir(parents=True)
+    torch.save(tv_b0.state_dict(), offline / B0_FILE)
+    model, prep = build_model("b0", " ImageNet ")
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(images), tv_b0(images), atol=1e-5)
+    assert model.head_from_weights and prep == Preprocessing.from_torchvision(B0)
+
+
+def test_build_model_reports_whether_the_head_came_from_the_weights(tmp_path, tv_b0):
+    path = tmp_path / "b0.pth"
+    torch.save(tv_b0.state_dict(), path)
+    assert build_model("b0", path)[0].head_from_weights
+    fresh = [build_model("b0", path, num_classes=7)[0], build_model("b0", None)[0], build_model("b0", path, num_classes=0)[0]]
+    assert [m.head_from_weights for m in fresh] == [False, False, False]
+
+
+# -- the paper's TF weights, AdvProp and Noisy Student, as timm publishes them -----------------------
+
+@pytest.mark.parametrize("name, tag", [("tf_imagenet", "aa_in1k"), ("advprop", "ap_in1k"),
+                                       ("noisy_student", "ns_jft_in1k")])
+def test_timm_tf_weights_in_the_hub_cache_reproduce_timm(offline, name, tag):
+    timm = pytest.importorskip("timm")
+    safetensors = pytest.importorskip("safetensors.torch")
+    reference = randomise_batchnorm(timm.create_model("tf_efficientnet_b0", pretrained=False)).eval()
+    offline.mkdir(parents=True)  # exactly where the download would put the Hub's model.safetensors
+    safetensors.save_file(reference.state_dict(), offline / f"tf_efficientnet_b0.{tag}.safetensors")
+    model, prep = build_model("b0", name)
+    x = torch.randn(2, 3, 67, 61, generator=torch.Generator().manual_seed(0))  # odd sizes: asymmetric TF padding
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference(x), rtol=1e-5, atol=1e-5)  # TF eps off: 3e-4
+    assert model.same_padding and model.head_from_weights
+    assert {m.eps for m in model.modules() if isinstance(m, nn.BatchNorm2d)} == {1e-3}  # TF's, not torchvision's
+    cfg = timm.models.get_pretrained_cfg(f"tf_efficientnet_b0.{tag}")
+    assert (prep.crop_size, prep.interpolation) == (cfg.input_size[-1], cfg.interpolation)
+    assert prep.mean == pytest.approx(cfg.mean) and prep.std == pytest.approx(cfg.std)
+    assert prep.crop_size / prep.resize_size == pytest.approx(cfg.crop_pct, abs=2e-3)  # TF: crop of size + 32
+
+
+def test_timm_layout_converts_lite_and_refuses_blocks_a_variant_lacks():
+    timm = pytest.importorskip("timm")
+    state_dict = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    assert convert_timm_state_dict(state_dict, resolve("lite0")).keys() == efficientnet("lite0").state_dict().keys()
+    b1 = timm.create_model("tf_efficientnet_b1", pretrained=False).state_dict()
+    with pytest.raises(ValueError, match=r"blocks\.0\.1\.conv_dw\.weight': block 0\.1 does not exist in b0"):
+        convert_timm_state_dict(b1, resolve("b0"))
+
+
+def test_damaged_safetensors_file_in_the_cache_is_a_clear_error(offline):
+    pytest.importorskip("safetensors.torch")
+    offline.mkdir(parents=True)
+    (offline / "tf_efficientnet_b0.ns_jft_in1k.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="tf_efficientnet_b0.ns_jft_in1k.safetensors.*cannot be read as safetensors"):
+        build_model("b0", "Noisy-Student")

@@ -2,6 +2,9 @@
 
 Semantics are torchvision's ImageClassification eval transform: resize the shorter side to
 ``resize_size`` with ``interpolation``, centre-crop ``crop_size``, scale to [0, 1], normalise.
+
+This module holds the recipes (torchvision's crop fraction, the TF reference's crop padding); which
+recipe a published variant's weights use is recorded once, in :mod:`effsk.weights.registry`.
 """
 
 from __future__ import annotations
@@ -10,7 +13,15 @@ from dataclasses import asdict, dataclass, replace
 
 from ..scaling import Scaling
 
-__all__ = ["Preprocessing", "IMAGENET_MEAN", "IMAGENET_STD", "LITE_MEAN", "LITE_STD", "default_preprocessing"]
+__all__ = [
+    "Preprocessing",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LITE_MEAN",
+    "LITE_STD",
+    "tf_preprocessing",
+    "default_preprocessing",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -18,10 +29,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (127 / 255,) * 3
 LITE_STD = (128 / 255,) * 3
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-# torchvision's ImageNet eval transforms for its EfficientNet weights: (resize, crop). REFERENCE.md.
-_TORCHVISION_EVAL = {"b0": (256, 224), "b1": (256, 240), "b2": (288, 288), "b3": (320, 300),
-                     "b4": (384, 380), "b5": (456, 456), "b6": (528, 528), "b7": (600, 600)}
+# torchvision's classic eval recipe: the crop is 87.5% of the resized shorter side.
 _CROP_FRACTION = 0.875
+# The TF reference eval crop: centre crop of resolution / (resolution + 32) of the shorter side, bicubic.
+_TF_CROP_PADDING = 32
 
 
 @dataclass(frozen=True)
@@ -73,13 +84,29 @@ class Preprocessing:
         )
 
 
+def tf_preprocessing(resolution: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Preprocessing:
+    """The TF reference eval transform (EfficientNet and EfficientNet-Lite): resize the shorter side
+    to ``resolution + 32`` (bicubic), centre-crop ``resolution``, normalise with ``mean`` / ``std``.
+
+    >>> p = tf_preprocessing(240, LITE_MEAN, LITE_STD)
+    >>> p.crop_size, p.resize_size, p.interpolation
+    (240, 272, 'bicubic')
+    """
+    return Preprocessing(int(resolution), int(resolution) + _TF_CROP_PADDING, "bicubic", mean, std)
+
+
 def default_preprocessing(scaling: Scaling) -> Preprocessing:
-    """Preprocessing for a freshly built model: torchvision's eval recipe for published b0..b7,
-    the TF Lite normalisation for Lite, and crop = resolution with a 0.875 crop fraction otherwise."""
-    if scaling.name in _TORCHVISION_EVAL:
-        resize, crop = _TORCHVISION_EVAL[scaling.name]
-        return Preprocessing(crop_size=crop, resize_size=resize)
-    resize = int(round(scaling.resolution / _CROP_FRACTION))
+    """Preprocessing of a config that no published weights describe (an unpublished phi, a variant
+    without weights): crop = resolution. Lite follows its family's TF recipe and ``(x - 127) / 128``;
+    everything else torchvision's 0.875 crop fraction, bicubic, ImageNet mean/std.
+
+    Published variants take their weights' recipe instead: see
+    :func:`effsk.weights.registry.variant_preprocessing`.
+
+    >>> from effsk.scaling import resolve
+    >>> default_preprocessing(resolve(0.5))
+    Preprocessing(crop_size=232, resize_size=265, interpolation='bicubic', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    """
     if scaling.lite:
-        return Preprocessing(scaling.resolution, resize, "bilinear", LITE_MEAN, LITE_STD)
-    return Preprocessing(scaling.resolution, resize)
+        return tf_preprocessing(scaling.resolution, LITE_MEAN, LITE_STD)
+    return Preprocessing(scaling.resolution, int(round(scaling.resolution / _CROP_FRACTION)))

@@ -187,10 +187,11 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
         return _check_sample_weight(sample_weight, n)
 
     def _init_head(self, model, n_outputs: int) -> None:
-        # A fresh head starts at zero (as Big Transfer does): uniform class probabilities, or the
+        # Every fresh head starts at zero (as Big Transfer does): uniform class probabilities, or the
         # training mean for regression, instead of large random logits that jolt a pretrained body.
-        # (ImageNet weights keep their own head only for 1000 outputs; a checkpoint path may keep its.)
-        if self.weights is None or (self.weights == "imagenet" and n_outputs != 1000):
+        # Whatever the weights' name, spelling or source, only build_model knows whether the head came
+        # from the weights (same outputs as theirs); it says so in ``model.head_from_weights``.
+        if not getattr(model, "head_from_weights", False):
             head = model.get_classifier()
             torch.nn.init.zeros_(head.weight)
             torch.nn.init.zeros_(head.bias)

@@ -1,4 +1,8 @@
-"""The family as a table: what ``effsk info`` prints."""
+"""The family as a table: what ``effsk info`` prints.
+
+Published variants are read from the weights registry (parameters, and multiply-adds where the
+publisher counted them at the table's resolution); only the rest is counted, each model once.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +11,27 @@ import json
 import pandas as pd
 
 from ..nn.cost import count_macs, count_params
-from ..scaling import PUBLISHED, resolve
+from ..scaling import PUBLISHED, Scaling, resolve
+from ..weights.registry import list_weights
 
 __all__ = ["family_table", "render"]
 
 
 def family_table(phis=None, scaling: str = "official", resolution: int | None = None) -> pd.DataFrame:
     """One row per variant: name, phi, width, depth, resolution, params, GFLOPs (multiply-adds),
-    and whether ImageNet weights are available on this machine.
+    dropout, every registered weights name (``weights``) and those already on this machine
+    (``on_machine``: in the torch hub cache, or in an installed package).
 
-    >>> family_table(["b0", 1.5])[["name", "resolution"]].values.tolist()
-    [['b0', 224], ['phi=1.5', 250]]
+    >>> family_table(["b0", 1.5])[["name", "resolution", "weights"]].values.tolist()[1]
+    ['phi=1.5', 250, '-']
     """
-    from ..weights.build import imagenet_weights_status
-
     phis = list(PUBLISHED) if phis is None else list(phis)
     rows = []
     for phi in phis:
         s = resolve(phi, scaling=scaling)
         res = resolution or s.resolution
+        params, macs = _cost(s, res)
+        entries = list_weights(s)
         rows.append(
             {
                 "name": s.label,
@@ -33,13 +39,22 @@ def family_table(phis=None, scaling: str = "official", resolution: int | None = 
                 "width": round(s.width, 4),
                 "depth": round(s.depth, 4),
                 "resolution": res,
-                "params": count_params(s),
-                "gflops": round(count_macs(s, res) / 1e9, 3),
+                "params": params,
+                "gflops": round(macs / 1e9, 3),
                 "dropout": round(s.dropout, 3),
-                "weights": imagenet_weights_status(s),
+                "weights": ", ".join(e.name for e in entries) or "-",
+                "on_machine": ", ".join(e.name for e in entries if e.source.local_file()) or "-",
             }
         )
     return pd.DataFrame(rows)
+
+
+def _cost(s: Scaling, resolution: int) -> tuple[int, float]:
+    """``(params, multiply-adds)``: the registry's published counts when it has them, else counted."""
+    entries = list_weights(s)
+    params = entries[0].meta.params if entries else count_params(s)
+    published = [e.meta.gflops for e in entries if e.meta.gflops is not None and e.preprocessing.crop_size == resolution]
+    return params, published[0] * 1e9 if published else count_macs(s, resolution)
 
 
 def render(table: pd.DataFrame, fmt: str = "table") -> str:

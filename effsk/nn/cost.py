@@ -1,26 +1,37 @@
 """Cost model: parameter and multiply-add counts for any arch and phi at any resolution.
 
 Models are built on the ``meta`` device, so even B7 at 600px costs no memory or compute; torch's
-own FlopCounterMode does the counting (it reports 2 FLOPs per multiply-add).
+own FlopCounterMode does the counting (it reports 2 FLOPs per multiply-add). A config is built once
+per process and each (config, resolution) counted once: tables that ask for both counts of many
+variants pay for each model once.
 """
 
 from __future__ import annotations
+
+import copy
+from functools import lru_cache
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .registry import build
+
 __all__ = ["count_params", "count_macs"]
 
 
-def _meta_model(model_or_phi, **kwargs) -> nn.Module:
+@lru_cache(maxsize=32)
+def _cached_meta_model(phi, options: tuple) -> nn.Module:
+    kwargs = dict(options)
+    arch = kwargs.pop("arch", None) or getattr(phi, "arch", "efficientnet")
+    with torch.device("meta"):
+        return build(arch, phi, **kwargs)
+
+
+def _meta_model(model_or_phi, kwargs: dict) -> nn.Module:
     if isinstance(model_or_phi, nn.Module):
         return model_or_phi
-    from .registry import build
-
-    arch = kwargs.pop("arch", None) or getattr(model_or_phi, "arch", "efficientnet")
-    with torch.device("meta"):
-        return build(arch, model_or_phi, **kwargs)
+    return _cached_meta_model(model_or_phi, tuple(sorted(kwargs.items())))
 
 
 def count_params(model_or_phi, **kwargs) -> int:
@@ -32,7 +43,7 @@ def count_params(model_or_phi, **kwargs) -> int:
     >>> count_params(0, arch="resnet50")
     25557032
     """
-    return sum(p.numel() for p in _meta_model(model_or_phi, **kwargs).parameters())
+    return sum(p.numel() for p in _meta_model(model_or_phi, kwargs).parameters())
 
 
 def count_macs(model_or_phi, resolution: int | None = None, **kwargs) -> int:
@@ -41,7 +52,17 @@ def count_macs(model_or_phi, resolution: int | None = None, **kwargs) -> int:
     >>> round(count_macs("b0") / 1e9, 3)
     0.386
     """
-    model = _meta_model(model_or_phi, **kwargs)
+    if isinstance(model_or_phi, nn.Module):
+        return _count_macs(model_or_phi, resolution)
+    return _cached_macs(model_or_phi, resolution, tuple(sorted(kwargs.items())))
+
+
+@lru_cache(maxsize=128)
+def _cached_macs(phi, resolution: int | None, options: tuple) -> int:
+    return _count_macs(_cached_meta_model(phi, options), resolution)
+
+
+def _count_macs(model: nn.Module, resolution: int | None) -> int:
     if resolution is None:
         resolution = model.scaling.resolution
     in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
@@ -51,13 +72,8 @@ def count_macs(model_or_phi, resolution: int | None = None, **kwargs) -> int:
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model.to("meta")(x) if param.device.type == "meta" else _run_on_meta(model, x)
+            # a real model is counted on a meta copy: counting never moves or runs it
+            (model if param.device.type == "meta" else copy.deepcopy(model).to("meta"))(x)
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
-
-
-def _run_on_meta(model: nn.Module, x: torch.Tensor) -> None:
-    import copy
-
-    copy.deepcopy(model).to("meta")(x)

@@ -26,6 +26,12 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+try:  # optional: only .safetensors files (the Hugging Face Hub's format) need it
+    from safetensors.torch import load_file as load_safetensors
+except ImportError:  # pragma: no cover - depends on the environment
+    load_safetensors = None
+
+from .._version import __version__
 from ..utils.fileio import atomic_torch_save
 from ..data.preprocessing import Preprocessing
 from ..scaling import Scaling
@@ -36,6 +42,7 @@ __all__ = [
     "CheckpointError",
     "atomic_torch_save",
     "read_weights_file",
+    "as_state_dict",
     "architecture",
     "save_checkpoint",
     "load_checkpoint",
@@ -53,11 +60,13 @@ class CheckpointError(ValueError):
     """A weights file that cannot be used: unreadable, unsafe, not a checkpoint, or for another model."""
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _REFUSED = re.compile(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\n\n|$)", re.S)
 
 
 def read_weights_file(path):
-    """Load a weights file with ``torch.load(weights_only=True, map_location="cpu")``.
+    """Load a weights file with ``torch.load(weights_only=True, map_location="cpu")``, or a
+    ``.safetensors`` file with safetensors (which holds tensors only).
 
     Raises
     ------
@@ -74,6 +83,8 @@ def read_weights_file(path):
         raise CheckpointError(f"weights path {path!r} is a directory; expected a checkpoint file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"weights file {path!r} is empty (0 bytes); expected a torch.save checkpoint")
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -90,6 +101,44 @@ def read_weights_file(path):
         raise _unreadable(path, exc) from None
     except Exception as exc:  # torch raises RuntimeError / EOFError / KeyError / ... for damaged files
         raise _unreadable(path, exc) from None
+
+
+def as_state_dict(obj, path) -> dict:
+    """A loaded weights file as a plain state_dict, without the prefixes DistributedDataParallel
+    (``module.``) and ``torch.compile`` (``_orig_mod.``) add; a CheckpointError saying what the file
+    holds instead when it is not one."""
+    if isinstance(obj, Mapping) and obj and all(isinstance(k, str) for k in obj) and all(
+        isinstance(v, torch.Tensor) for v in obj.values()
+    ):
+        state_dict = dict(obj)
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+        return state_dict
+    hint = ""
+    if isinstance(obj, Mapping):
+        nested = [k for k, v in obj.items() if isinstance(v, Mapping)]
+        if nested:
+            key = nested[0]
+            hint = f"; if the weights sit under {key!r}, save that entry alone: torch.save(obj[{key!r}], path)"
+    raise CheckpointError(
+        f"{os.fspath(path)!r} is not a weights file effsk can use: expected an effsk checkpoint or a state_dict "
+        f"(a dict of parameter names to tensors), found {describe_loaded(obj)}{hint}"
+    )
+
+
+def _read_safetensors(path: str) -> dict:
+    if load_safetensors is None:
+        raise CheckpointError(f"weights file {path!r} is a safetensors file; reading it needs the safetensors "
+                              "package: pip install safetensors")
+    try:
+        return load_safetensors(path, device="cpu")
+    except Exception as exc:  # safetensors raises SafetensorError / OSError for damaged files
+        reason = str(exc).splitlines()[0] if str(exc) else "no further detail"
+        raise CheckpointError(
+            f"weights file {path!r} ({os.path.getsize(path):,} bytes) cannot be read as safetensors: it is "
+            f"truncated, corrupt or not a safetensors file ({type(exc).__name__}: {reason[:200]})"
+        ) from None
 
 
 def _unreadable(path: str, exc: Exception) -> CheckpointError:
@@ -142,8 +191,6 @@ def _plain(value, where: str):
 
 def _unwrap(model):
     """The effsk model (anything :func:`effsk.nn.build` makes) inside DDP / torch.compile wrappers."""
-    from ..scaling import Scaling
-
     while not isinstance(getattr(model, "scaling", None), Scaling):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
@@ -204,7 +251,7 @@ def save_checkpoint(path, model, preprocessing: Preprocessing, *, classes=None, 
         "preprocessing": preprocessing.to_dict(),
         "classes": classes,
         "metadata": _plain(dict(metadata or {}), "metadata"),
-        "effsk_version": _effsk_version(),
+        "effsk_version": __version__,
         "torch_version": torch.__version__.split("+")[0],
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
@@ -213,12 +260,6 @@ def save_checkpoint(path, model, preprocessing: Preprocessing, *, classes=None, 
             raise ValueError(f"extra entry {key!r} would overwrite the checkpoint's own {key!r}")
         payload[key] = _plain(value, f"extra[{key!r}]")
     return atomic_torch_save(payload, path)
-
-
-def _effsk_version() -> str:
-    from .._version import __version__
-
-    return __version__
 
 
 def is_checkpoint(obj) -> bool:
