@@ -47,7 +47,7 @@ def test_smoke_run_writes_every_row(tmp_path):
     references = [r for r in rows if r["row"].startswith(("torchvision", "plain torchvision"))]
     assert len(references) == 5 and all(float(r["vs_torchvision"]) == 1.0 for r in references)
     checks = [r["note"] for r in rows if r["row"] == "effsk optimize_for_inference"]
-    assert len(checks) == 3 and all(n.startswith("features vs torchvision: max rel diff") for n in checks)
+    assert len(checks) == 3 and all(n.startswith("fp32 features vs torchvision: max rel diff") for n in checks)
     table = (tmp_path / "gpu_suite.md").read_text()
     assert table.count("\n| featurize tensors |") == 9 and table in run.stdout
     assert "14 rows, 0 failed" in run.stdout
