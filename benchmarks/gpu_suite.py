@@ -47,9 +47,9 @@ import torch
 import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode, v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # featurize.py's helpers, however this file is loaded
 
 from effsk.data.gpu_decode import make_device_loader, resolve_num_workers  # noqa: E402
 from effsk.data.preprocessing import default_preprocessing  # noqa: E402
@@ -57,6 +57,7 @@ from effsk.nn import efficientnet  # noqa: E402
 from effsk.nn.inference import optimize_for_inference  # noqa: E402
 from effsk.scaling import resolve  # noqa: E402
 from effsk.utils.runtime import autocast, resolve_device, resolve_precision  # noqa: E402
+from featurize import _pooled, _randomise_bn, _torchvision_transform  # noqa: E402
 
 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities")  # torchvision 0.29's notice
 
@@ -188,33 +189,14 @@ class Suite:
 
 
 # ------------------------------------------------------------------------------------------------ models
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so that a folding or layout bug shows in the parity check."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
-
-
 @functools.cache
 def _torchvision_and_effsk(phi: str):
     """torchvision's model (random weights, BatchNorm randomised) and effsk's with the same state_dict."""
-    tv = _randomise_bn(getattr(torchvision.models, f"efficientnet_{phi}")().eval())
+    tv = getattr(torchvision.models, f"efficientnet_{phi}")().eval()
+    _randomise_bn(tv)  # non-trivial statistics, so that a folding or layout bug shows in the parity check
     ours = efficientnet(phi).eval()
     ours.load_state_dict(tv.state_dict())
     return tv, ours
-
-
-def _pooled(model: nn.Module):
-    """Pooled features (what the featurizer returns) of torchvision-, timm- and effsk-shaped models."""
-    if hasattr(model, "forward_head"):  # effsk and timm
-        return lambda x: model.forward_head(model.forward_features(x), pre_logits=True)
-    return lambda x: torch.flatten(model.avgpool(model.features(x)), 1)
 
 
 def _autocast_channels_last(suite: Suite, model: nn.Module):
@@ -317,15 +299,6 @@ class _TorchvisionFiles(Dataset):
         return self.transform(decode_jpeg(read_file(self.paths[i])))
 
 
-def _eval_transform(preprocessing):
-    return v2.Compose([
-        v2.Resize(preprocessing.resize_size, interpolation=InterpolationMode(preprocessing.interpolation), antialias=True),
-        v2.CenterCrop(preprocessing.crop_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(preprocessing.mean, preprocessing.std),
-    ])
-
-
 def featurize_jpeg_files(suite: Suite, spec: Spec, paths: list[str]) -> None:
     from effsk import EfficientNetFeaturizer
 
@@ -334,7 +307,7 @@ def featurize_jpeg_files(suite: Suite, spec: Spec, paths: list[str]) -> None:
 
     def torchvision_row():
         features = _autocast_channels_last(suite, _torchvision_and_effsk(spec.phi)[0])
-        loader = DataLoader(_TorchvisionFiles(paths, _eval_transform(prep)), batch_size=spec.batch,
+        loader = DataLoader(_TorchvisionFiles(paths, _torchvision_transform(prep)), batch_size=spec.batch,
                             num_workers=suite.workers, pin_memory=on_gpu)
         one_pass = lambda: _forward_all(features, (x.to(suite.device, non_blocking=True) for x in loader))  # noqa: E731
         return suite.images_per_second(one_pass, len(paths)), f"{suite.workers} workers"
@@ -374,7 +347,7 @@ def _plain_torchvision_epoch_rates(suite: Suite, spec: Spec, X, y, epochs: int) 
     torch.manual_seed(0)
     model = getattr(torchvision.models, f"efficientnet_{spec.phi}")(num_classes=int(y.max()) + 1)
     model = model.to(suite.device, memory_format=torch.channels_last).train()
-    loader = DataLoader(_Arrays(X, y, _eval_transform(prep)), batch_size=spec.batch, shuffle=True,
+    loader = DataLoader(_Arrays(X, y, _torchvision_transform(prep)), batch_size=spec.batch, shuffle=True,
                         num_workers=suite.workers, pin_memory=suite.device.type == "cuda", drop_last=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     scaler = torch.amp.GradScaler(suite.device.type, enabled=suite.dtype == torch.float16)
