@@ -423,7 +423,7 @@ def test_phi_none_takes_the_checkpoints_variant(fitted, photos, tmp_path):
         with pytest.raises(ValueError, match=r"EfficientNetFeaturizer: phi=None .* effsk checkpoint"):
             EfficientNetFeaturizer(None, weights=weights).fit()
     torch.save(fitted.model_.state_dict(), tmp_path / "plain.pt")
-    with pytest.raises(ValueError, match="phi=None needs an effsk checkpoint"):
+    with pytest.raises(ValueError, match="phi=None is only allowed with weights=<effsk checkpoint path>, not a plain state_dict"):
         EfficientNetFeaturizer(None, weights=tmp_path / "plain.pt").fit()
 
 
