@@ -7,14 +7,12 @@ reproducibility, pickling) lives here once.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
-from sklearn.model_selection import train_test_split
 from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
@@ -24,14 +22,12 @@ from ..data.images import ImageLoadError, make_loader, num_images
 from ..data.transforms import eval_transform
 from ..training.optim import OPTIMIZERS
 from ..utils.runtime import PRECISIONS, resolve_device, resolve_precision
+from ..utils.runtime import forked_rng as _forked_rng
 from ..training.loop import FREEZE_MODES, TrainConfig, Trainer, evaluate
+from ..training import PRECISE_BN_BATCHES, holdout_split
 from ._base import MODEL_PARAMETER_CONSTRAINTS, build_estimator_model
 
 __all__ = ["FineTuneEstimator"]
-
-# Training batches used to recompute BatchNorm statistics before each validation ("precise BN"):
-# on short fine-tuning runs the running averages lag the weights and spoil eval-mode predictions.
-PRECISE_BN_BATCHES = 64
 
 
 class IndexedLoss:
@@ -173,22 +169,12 @@ class FineTuneEstimator(BaseEstimator):
         self.preprocessing_ = preprocessing
 
     def _split(self, n: int, stratify, seed: int):
-        positions = np.arange(n)
         if not self.early_stopping:
-            return positions, None
-        try:
-            train_idx, val_idx = train_test_split(
-                positions, test_size=self.validation_fraction, stratify=stratify, random_state=seed % (2**32)
-            )
-        except ValueError as exc:
-            how = " stratified by class" if stratify is not None else ""
-            raise ValueError(
-                f"cannot hold out validation_fraction={self.validation_fraction} of {n} images{how} for early "
-                f"stopping: {exc} Use more images, a larger validation_fraction, or early_stopping=False."
-            ) from None
-        if len(train_idx) < 2:
-            raise ValueError(f"only {len(train_idx)} image(s) left for training after the validation split")
-        return np.sort(train_idx), np.sort(val_idx)
+            return np.arange(n), None
+        return holdout_split(
+            n, self.validation_fraction, seed=seed, stratify=stratify, purpose=" for early stopping",
+            remedy="Use more images, a larger validation_fraction, or early_stopping=False.",
+        )
 
     @staticmethod
     def _check_weights(weights: torch.Tensor, train_idx: np.ndarray) -> None:
@@ -237,7 +223,9 @@ class FineTuneEstimator(BaseEstimator):
                 pin_memory=pin,
             )
             val_loader = _Renumbered(val_loader, val_idx)
-        for phase, freeze, epochs in self._freeze_schedule(warm):
+        schedule = self._freeze_schedule(warm)
+        total_epochs = len(self.history_) + sum(epochs for _, _, epochs in schedule)
+        for phase, freeze, epochs in schedule:
             config = TrainConfig(
                 max_epochs=epochs,
                 optimizer=self.optimizer,
@@ -253,6 +241,9 @@ class FineTuneEstimator(BaseEstimator):
                 precision=self.precision,
                 seed=seed + len(self.history_),
                 verbose=self.verbose,
+                epoch_offset=len(self.history_),
+                total_epochs=total_epochs,
+                phase=phase,
             )
             trainer = Trainer(self.model_, train_loader, val_loader, config, loss_fn=loss, metric_fn=metric)
             offset = len(self.history_)
@@ -316,14 +307,6 @@ class _IndexedMetric:
     def __call__(self, outputs: torch.Tensor, index: torch.Tensor) -> float:
         targets, weights = self.loss.lookup(index)
         return float(self.score(outputs, targets, weights))
-
-
-@contextlib.contextmanager
-def _forked_rng(device: torch.device):
-    """Seeded work inside leaves the caller's global RNG as it was."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
 
 
 class _Renumbered:

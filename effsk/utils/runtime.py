@@ -1,4 +1,4 @@
-"""Device and precision resolution shared by every estimator and the training loop."""
+"""Device, precision and RNG handling shared by every estimator and the training loop."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-__all__ = ["resolve_device", "resolve_precision", "autocast"]
+__all__ = ["resolve_device", "resolve_precision", "autocast", "forked_rng"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -52,3 +52,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def forked_rng(device: torch.device):
+    """Seeded work inside leaves the caller's global RNG (CPU, and ``device``'s on CUDA) as it was.
+
+    >>> state = torch.get_rng_state()
+    >>> with forked_rng(torch.device("cpu")):
+    ...     _ = torch.manual_seed(0), torch.rand(3)
+    >>> torch.equal(torch.get_rng_state(), state)
+    True
+    """
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        yield
