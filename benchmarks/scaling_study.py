@@ -142,7 +142,7 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="efficientnet", choices=("efficientnet", "resnet50", "mobilenet_v2", "mobilenet_v1"))
     parser.add_argument("--base-width", type=float, default=0.25, help="width multiplier of the base model")
@@ -164,31 +164,21 @@ def main(argv=None) -> int:
                         help="PNG plot; the table goes next to it as .csv")
     parser.add_argument("--dry-run", action="store_true", help="print the matched models, train nothing")
     args = parser.parse_args(argv)
-
     if args.base_resolution % args.resolution_multiple:
         parser.error(f"--base-resolution {args.base_resolution} is not a multiple of --resolution-multiple "
                      f"{args.resolution_multiple}")
-    X, y = digits_rgb()
-    train_idx, val_idx = train_test_split(np.arange(len(y)), test_size=args.validation_fraction, stratify=y,
-                                          random_state=0)
-    data = (X[train_idx], y[train_idx], X[val_idx], y[val_idx])
-    coefficients = tuple(args.coefficients)
-    base = base_scaling(args.arch, args.base_width, args.base_depth, args.base_resolution)
-    base_macs = macs_of(args.arch, base, 10)
+    return args
 
-    configs = {("base", 1.0): (float("nan"), base)}
-    for method in METHODS:
-        for budget in args.budgets:
-            configs[(method, budget)] = match_budget(args.arch, base, method, budget * base_macs, coefficients,
-                                                     args.resolution_multiple, 10)
 
-    if args.dry_run:
-        for (method, budget), (amount, scaling) in configs.items():
-            macs = macs_of(args.arch, scaling, 10)
-            print(f"{method:>10} {budget:>4g}x  amount {amount:7.4f}  depth {scaling.depth:.3f}  width "
-                  f"{scaling.width:.3f}  {scaling.resolution:3d}px  {macs / 1e6:7.2f}M MACs ({macs / base_macs:.2f}x)")
-        return 0
+def print_models(configs: dict, arch: str, base_macs: int) -> None:
+    for (method, budget), (amount, scaling) in configs.items():
+        macs = macs_of(arch, scaling, 10)
+        print(f"{method:>10} {budget:>4g}x  amount {amount:7.4f}  depth {scaling.depth:.3f}  width "
+              f"{scaling.width:.3f}  {scaling.resolution:3d}px  {macs / 1e6:7.2f}M MACs ({macs / base_macs:.2f}x)")
 
+
+def train_all(configs: dict, data, args) -> list:
+    """``(key, seed, fit_and_score result)`` for every model and seed, largest models first."""
     tasks = []
     for key, (_, scaling) in configs.items():
         for seed in args.seeds:
@@ -196,16 +186,14 @@ def main(argv=None) -> int:
                                  precise_bn_batches=32, device=args.device, seed=seed)
             tasks.append((key, scaling, config))
     tasks.sort(key=lambda t: -macs_of(args.arch, t[1], 10))  # largest first: workers finish together
-    print(f"{len(configs)} models x {len(args.seeds)} seed(s), {args.epochs} epochs each, on "
-          f"{len(train_idx)} training / {len(val_idx)} validation digits; base {base_macs / 1e6:.2f}M MACs",
-          flush=True)
-    start = time.perf_counter()
-    runs = Parallel(n_jobs=args.n_jobs, verbose=10 if args.n_jobs != 1 else 0)(
+    return Parallel(n_jobs=args.n_jobs, verbose=10 if args.n_jobs != 1 else 0)(
         delayed(_train)(key, args.arch, scaling, data, config, args.batch_size, args.threads)
         for key, scaling, config in tasks
     )
-    wall = time.perf_counter() - start
 
+
+def summarise(configs: dict, runs: list, base_macs: int) -> pd.DataFrame:
+    """One row per model: its config and cost, and its scores averaged over the seeds."""
     rows = []
     for (method, budget), (amount, scaling) in configs.items():
         results = [r for key, _, r in runs if key == (method, budget)]
@@ -226,7 +214,35 @@ def main(argv=None) -> int:
             "train_loss": np.mean([r["train_loss"] for r in results]),
             "seconds": np.mean([r["train_seconds"] for r in results]),
         })
-    table = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    X, y = digits_rgb()
+    train_idx, val_idx = train_test_split(np.arange(len(y)), test_size=args.validation_fraction, stratify=y,
+                                          random_state=0)
+    data = (X[train_idx], y[train_idx], X[val_idx], y[val_idx])
+    coefficients = tuple(args.coefficients)
+    base = base_scaling(args.arch, args.base_width, args.base_depth, args.base_resolution)
+    base_macs = macs_of(args.arch, base, 10)
+
+    configs = {("base", 1.0): (float("nan"), base)}
+    for method in METHODS:
+        for budget in args.budgets:
+            configs[(method, budget)] = match_budget(args.arch, base, method, budget * base_macs, coefficients,
+                                                     args.resolution_multiple, 10)
+    if args.dry_run:
+        print_models(configs, args.arch, base_macs)
+        return 0
+
+    print(f"{len(configs)} models x {len(args.seeds)} seed(s), {args.epochs} epochs each, on "
+          f"{len(train_idx)} training / {len(val_idx)} validation digits; base {base_macs / 1e6:.2f}M MACs",
+          flush=True)
+    start = time.perf_counter()
+    runs = train_all(configs, data, args)
+    wall = time.perf_counter() - start
+    table = summarise(configs, runs, base_macs)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         print(table.to_string(index=False))
     print(f"wall time {wall:.0f}s (torch threads per process: {args.threads or torch.get_num_threads()}, "

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -63,12 +62,6 @@ def threads(n):
         torch.set_num_threads(before)
 
 
-def run_cli(args, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    return subprocess.Popen([sys.executable, "-m", "effsk", "pretrain", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
 def records(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh]
@@ -101,7 +94,7 @@ def test_every_recipe_value_can_be_overridden_and_typos_are_named():
     assert changed.train_config(lr=0.1).optimizer == "sgd"
     with pytest.raises(TypeError, match="warmup_epoch.*valid settings"):
         get_recipe("paper", warmup_epoch=1)
-    with pytest.raises(ValueError, match="augment="):
+    with pytest.raises(ValueError, match="'augment' parameter of get_recipe must be a str among .*Got 'mixup'"):
         get_recipe("modern", augment="mixup")
     with pytest.raises(ValueError, match="optimizer="):
         get_recipe("modern", optimizer="lamb")
@@ -323,41 +316,53 @@ def test_cli_reports_bad_settings(data, tmp_path, capsys):
 
 # -- resume after SIGKILL -----------------------------------------------------------------------------
 
+# Runs `effsk pretrain` and SIGKILLs itself inside the state write of optimiser step KILL_AT: the
+# temporary file is written, the previous state still in place (a kill at a known point, no race).
+DIE_MID_WRITE = """
+import os, signal, sys
+from effsk import cli
+from effsk.training import run_state
 
-def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(data, tmp_path):
+kill_at = int(sys.argv[1])
+save_state = run_state.PretrainCallback.save_state
+
+def save_state_then_die(self, trainer):
+    if trainer.step == kill_at:
+        os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # atomic_write fsyncs before os.replace
+    save_state(self, trainer)
+
+run_state.PretrainCallback.save_state = save_state_then_die
+sys.exit(cli.main(["pretrain", *sys.argv[2:]]))
+"""
+
+
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(data, tmp_path, capsys):
     train, _ = data
-    args = [str(train), *TINY, "--epochs", "2", "--batch-size", "4", "--save-every-steps", "4",
-            "--set", "warmup_epochs=0.5", "--set", "ema_decay=0.9"]  # 12 steps per epoch
+    args = [str(train), *TINY, "--epochs", "2", "--batch-size", "8", "--save-every-steps", "2",
+            "--set", "warmup_epochs=0.5", "--set", "ema_decay=0.9"]  # 6 steps per epoch
     killed_dir, straight_dir = tmp_path / "killed", tmp_path / "straight"
-    straight = run_cli([*args, "--output-dir", str(straight_dir)])
-    proc = run_cli([*args, "--output-dir", str(killed_dir)])
-    state_path, seen, deadline = killed_dir / STATE_FILE, None, time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if state_path.exists() and state_path.stat().st_mtime_ns != seen:
-                seen = state_path.stat().st_mtime_ns
-                state = torch.load(state_path, weights_only=True)["trainer"]
-                if state["epoch"] == 1 and state["step_in_epoch"] > 0:  # a step checkpoint of epoch 2
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
-            time.sleep(0.02)
-    finally:
-        output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == -signal.SIGKILL, output  # it really died mid-run
+    script = tmp_path / "die_mid_write.py"
+    script.write_text(DIE_MID_WRITE)
+    killed = subprocess.Popen([sys.executable, str(script), "10", *args, "--output-dir", str(killed_dir)], cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    with threads(1):  # the uninterrupted run, in this process meanwhile, through the same command line
+        assert cli.main(["pretrain", *args, "--output-dir", str(straight_dir)]) == 0, capsys.readouterr()
+    output = killed.communicate(timeout=180)[0]
+    assert killed.returncode == -signal.SIGKILL, output  # it really died mid-run
     assert not (killed_dir / CHECKPOINT_FILE).exists()
-    saved = torch.load(state_path, weights_only=True)["trainer"]  # the last completed state is intact
-    assert saved["epoch"] == 1 and 0 < saved["step_in_epoch"] < 12 and saved["step"] == 12 + saved["step_in_epoch"]
+    assert len(list(killed_dir.glob(f".{STATE_FILE}.*.tmp"))) == 1  # the write the kill cut short
+    saved = torch.load(killed_dir / STATE_FILE, weights_only=True)["trainer"]  # the last completed state is intact
+    assert (saved["epoch"], saved["step_in_epoch"], saved["step"]) == (1, 2, 8)  # mid-epoch 2
     assert [r["epoch"] for r in records(killed_dir)] == [0]
 
-    resumed = run_cli([*args, "--output-dir", str(killed_dir), "--resume"])
-    for p in (resumed, straight):
-        output = p.communicate(timeout=180)[0]
-        assert p.returncode == 0, output
+    with threads(1):
+        assert cli.main(["pretrain", *args, "--output-dir", str(killed_dir), "--resume"]) == 0, capsys.readouterr()
 
     for out in (killed_dir, straight_dir):
-        assert [r["step"] for r in records(out)] == [12, 24]
-        assert load_checkpoint(out / CHECKPOINT_FILE)["metadata"]["pretrain"]["steps"] == 24
-    assert not list(killed_dir.glob(".*.tmp"))  # a write cut short by the kill is cleaned up
+        assert [r["step"] for r in records(out)] == [6, 12]
+        assert load_checkpoint(out / CHECKPOINT_FILE)["metadata"]["pretrain"]["steps"] == 12
+    assert not list(killed_dir.glob(".*.tmp"))  # the write cut short by the kill is cleaned up
     # CPU kernels are deterministic and the state holds the RNG: the weights agree exactly
     a, b = weights_of(killed_dir / CHECKPOINT_FILE), weights_of(straight_dir / CHECKPOINT_FILE)
     for key in b:
@@ -375,10 +380,11 @@ def free_port():
 
 
 def torchrun(args, nproc=2):
+    """Start ``torchrun`` with ``nproc`` CPU processes; ``.communicate()`` waits for (stdout, stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                           f"--master_port={free_port()}", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                             f"--master_port={free_port()}", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 RANK_CHECKS = """
@@ -417,12 +423,13 @@ def test_rank_reductions_under_gloo(tmp_path):
     script = tmp_path / "rank_checks.py"
     script.write_text(RANK_CHECKS)
     run = torchrun([str(script)])
-    assert run.returncode == 0, run.stdout + run.stderr
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, out + err
     # one marker file per rank: stdout of two processes may interleave mid-line
     assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]
 
 
-def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(data, tmp_path):
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(data, tmp_path, capsys):
     """Under DDP each rank normalises its own half batch; with BatchNorm held in eval mode
     (freeze="bn") and no randomness (no augmentation, dropout or stochastic depth) two ranks with 4
     images each compute exactly what one process computes with 8, up to float summation order."""
@@ -430,12 +437,12 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(data, t
     args = [str(train), *TINY, "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--lr", "0.002",
             "--save-every-steps", "3", "--set", "freeze=bn", "--set", "augment=none", "--set", "drop_rate=0.0",
             "--set", "drop_path_rate=0.0", "--set", "ema_decay=0.9"]
-    single = run_cli([*args, "--output-dir", str(tmp_path / "single")])
     ddp = torchrun(["-m", "effsk", "pretrain", *args, "--output-dir", str(tmp_path / "ddp")])
-    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
-    assert ddp.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
-    output = single.communicate(timeout=180)[0]
-    assert single.returncode == 0, output
+    with threads(1):  # the one-process reference runs here meanwhile, through the same command line
+        assert cli.main(["pretrain", *args, "--output-dir", str(tmp_path / "single")]) == 0, capsys.readouterr()
+    out, err = ddp.communicate(timeout=300)
+    assert ddp.returncode == 0, out + err
+    assert out.count("wrote ") == 1  # rank 0 alone reports and writes
 
     ddp_log, single_log = records(tmp_path / "ddp"), records(tmp_path / "single")
     assert [r["step"] for r in ddp_log] == [r["step"] for r in single_log] == [4, 8]

@@ -352,3 +352,30 @@ def test_augment_presets_shape_dtype_and_seeding():
         assert torch.isfinite(a).all()
     with pytest.raises(ValueError, match="augment"):
         train_transform(pre, "heavy")
+
+
+# -- progress lines of a multi-phase run ---------------------------------------------------------------
+
+
+def test_epoch_lines_count_over_the_phases_of_a_run(capsys):
+    x, y = tiny_data(8)
+    Trainer(Tiny(), loader(x, y), None, cfg(max_epochs=2, verbose=1, epoch_offset=1, total_epochs=4, phase="train")).fit()
+    out = capsys.readouterr().out
+    assert "epoch 2/4 (train)" in out and "epoch 3/4 (train)" in out and "epoch 1/" not in out
+
+
+def test_two_phase_fine_tune_numbers_epochs_overall(capsys):
+    """Pretrained weights: a head phase then a train phase, each its own Trainer run; the epoch
+    lines count 1/2 then 2/2 with the phase, not "epoch 1/1" twice."""
+    from effsk import EfficientNetClassifier
+
+    rng = np.random.default_rng(0)
+    y = np.arange(16) % 2
+    X = (rng.integers(0, 80, (16, 32, 32, 3)) + 150 * y[:, None, None, None]).astype(np.uint8)
+    clf = EfficientNetClassifier("lite0", weights="imagenet", resolution=32, max_epochs=2, batch_size=8,
+                                 early_stopping=False, augment="none", device="cpu", random_state=0, verbose=1)
+    clf.fit(X, y)
+    out = capsys.readouterr().out
+    assert [r["phase"] for r in clf.history_] == ["head", "train"]
+    assert "epoch 1/2 (head)" in out and "epoch 2/2 (train)" in out
+    assert "epoch 1/1" not in out

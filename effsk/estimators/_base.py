@@ -17,8 +17,7 @@ from tqdm.auto import tqdm
 from ..data.images import make_loader
 from ..nn.inference import optimize_for_inference
 from ..nn.registry import ARCHITECTURES
-from ..training.loop import _explain_oom
-from ..utils.runtime import PRECISIONS, autocast, resolve_device, resolve_precision
+from ..utils.runtime import PRECISIONS, autocast, explain_oom, resolve_device, resolve_precision
 from ..scaling import SCALING_MODES, Scaling
 from .. import weights as _weights
 
@@ -247,7 +246,7 @@ class PreparedInferenceMixin:
     def _forward_batch(self, model, images, device, dtype) -> torch.Tensor:
         """One batch ``(B, 3, H, W)`` through the prepared ``model`` -> float32 rows on ``device``."""
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with _explain_oom(images, "predicting on"), autocast(device, dtype):
+        with explain_oom(images, "predicting on"), autocast(device, dtype):
             return self._network_outputs(model, images).float()
 
     def _forward(self, X) -> torch.Tensor:

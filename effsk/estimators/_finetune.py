@@ -8,13 +8,11 @@ reproducibility) lives here once. Prediction and pickling are the featurizer's t
 
 from __future__ import annotations
 
-import contextlib
 from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, _fit_context
-from sklearn.model_selection import train_test_split
 from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
@@ -22,8 +20,8 @@ from ..data.transforms import AUGMENT_PRESETS, train_transform
 from ..data.images import ImageLoadError, make_loader, num_images
 from ..data.transforms import eval_transform
 from ..training.optim import OPTIMIZERS
-from ..utils.runtime import resolve_device
-from ..training.loop import FREEZE_MODES, TrainConfig, Trainer
+from ..training import FREEZE_MODES, PRECISE_BN_BATCHES, TrainConfig, Trainer, holdout_split
+from ..utils.runtime import forked_rng, resolve_device
 from ._base import (
     MODEL_PARAMETER_CONSTRAINTS,
     RUNTIME_PARAMETER_CONSTRAINTS,
@@ -32,10 +30,6 @@ from ._base import (
 )
 
 __all__ = ["FineTuneEstimator", "FINETUNE_PARAMETER_DOCS"]
-
-# Training batches used to recompute BatchNorm statistics before each validation ("precise BN"):
-# on short fine-tuning runs the running averages lag the weights and spoil eval-mode predictions.
-PRECISE_BN_BATCHES = 64
 
 
 class IndexedLoss:
@@ -230,7 +224,7 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
         train_idx, val_idx = self._split(n, stratify, seed)
         self._check_weights(weights, train_idx)
         device = resolve_device(self.device)
-        with _forked_rng(device):
+        with forked_rng(device):
             torch.manual_seed(seed)
             if not warm:
                 self._build(n_outputs)
@@ -253,22 +247,12 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
         self.preprocessing_ = preprocessing
 
     def _split(self, n: int, stratify, seed: int):
-        positions = np.arange(n)
         if not self.early_stopping:
-            return positions, None
-        try:
-            train_idx, val_idx = train_test_split(
-                positions, test_size=self.validation_fraction, stratify=stratify, random_state=seed % (2**32)
-            )
-        except ValueError as exc:
-            how = " stratified by class" if stratify is not None else ""
-            raise ValueError(
-                f"cannot hold out validation_fraction={self.validation_fraction} of {n} images{how} for early "
-                f"stopping: {exc} Use more images, a larger validation_fraction, or early_stopping=False."
-            ) from None
-        if len(train_idx) < 2:
-            raise ValueError(f"only {len(train_idx)} image(s) left for training after the validation split")
-        return np.sort(train_idx), np.sort(val_idx)
+            return np.arange(n), None
+        return holdout_split(
+            n, self.validation_fraction, seed=seed, stratify=stratify, purpose=" for early stopping",
+            remedy="Use more images, a larger validation_fraction, or early_stopping=False.",
+        )
 
     @staticmethod
     def _check_weights(weights: torch.Tensor, train_idx: np.ndarray) -> None:
@@ -317,7 +301,9 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
                 pin_memory=pin,
             )
             val_loader = _Renumbered(val_loader, val_idx)
-        for phase, freeze, epochs in self._freeze_schedule(warm):
+        schedule = self._freeze_schedule(warm)
+        total_epochs = len(self.history_) + sum(epochs for _, _, epochs in schedule)
+        for phase, freeze, epochs in schedule:
             config = TrainConfig(
                 max_epochs=epochs,
                 optimizer=self.optimizer,
@@ -333,6 +319,9 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
                 precision=self.precision,
                 seed=seed + len(self.history_),
                 verbose=self.verbose,
+                epoch_offset=len(self.history_),
+                total_epochs=total_epochs,
+                phase=phase,
             )
             trainer = Trainer(self.model_, train_loader, val_loader, config, loss_fn=loss, metric_fn=metric)
             offset = len(self.history_)
@@ -351,14 +340,6 @@ class _IndexedMetric:
     def __call__(self, outputs: torch.Tensor, index: torch.Tensor) -> float:
         targets, weights = self.loss.lookup(index)
         return float(self.score(outputs, targets, weights))
-
-
-@contextlib.contextmanager
-def _forked_rng(device: torch.device):
-    """Seeded work inside leaves the caller's global RNG as it was."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
 
 
 class _Renumbered:

@@ -17,7 +17,6 @@ __all__ = [
     "from_environ",
     "setup",
     "teardown",
-    "all_reduce_sum",
     "barrier",
     "is_initialized",
     "all_gather_cat",
@@ -73,14 +72,6 @@ def teardown() -> None:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (identity in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
 
 
 def is_initialized() -> bool:

@@ -1,5 +1,8 @@
 """The one training loop, shared by fine-tuning (the estimators) and pretraining.
 
+Its settings live in :mod:`.config` (:class:`TrainConfig`), what it does to models besides optimiser
+steps (freezing, evaluation, precise BN) in :mod:`.model_ops`; both are re-exported here.
+
 :class:`Trainer` owns a model, its optimiser, schedule, grad scaler and optional weight EMA, and runs
 epochs of ``(inputs, targets)`` batches with per-epoch validation, early stopping that restores the
 best weights, and callbacks. Its :meth:`Trainer.state_dict` holds the whole training state, so a
@@ -31,138 +34,31 @@ to the epoch's record.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
-import itertools
-from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
-from ..utils.runtime import autocast, resolve_device, resolve_precision
+from ..utils.runtime import autocast, explain_oom, resolve_device, resolve_precision
+from .config import FREEZE_MODES, TrainConfig
+from .model_ops import apply_freeze, ema_warmup_avg_fn, evaluate, recalibrate_bn, to_device, top_k_accuracy
+from .optim import build_optimizer, build_scheduler
 
 __all__ = [
     "TrainConfig",
     "Callback",
     "Trainer",
-    "fit_model",
     "evaluate",
     "apply_freeze",
+    "recalibrate_bn",
     "top_k_accuracy",
     "FREEZE_MODES",
 ]
-
-FREEZE_MODES = ("none", "backbone", "bn")
-MONITORS = ("val_loss", "val_score")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that shapes one training run.
-
-    Parameters
-    ----------
-    max_epochs : int
-        Epochs to run (a resumed run continues up to the same number).
-    optimizer : {"adamw", "sgd", "rmsprop"}
-        ``"rmsprop"`` is TF-style (:class:`effsk.training.optim.RMSpropTF`), the paper's optimiser.
-    lr, weight_decay, momentum, betas, rmsprop_decay, eps
-        Optimiser settings; weight decay skips biases and norm parameters. ``eps=None`` uses 1e-8 for
-        AdamW and the TF value 1e-3 for RMSProp.
-    schedule : {"cosine", "step", "constant"}
-        Per-step learning-rate schedule after ``warmup_epochs`` of linear warm-up. ``"cosine"`` decays
-        to ``min_lr`` at ``max_epochs``; ``"step"`` multiplies by ``decay_rate`` every
-        ``decay_epochs`` (paper: 0.97 every 2.4 epochs).
-    label_smoothing : float
-        Used by the default loss (cross-entropy) when no ``loss_fn`` is given.
-    clip_grad_norm : float or None
-        Clip the global gradient norm of the trainable parameters.
-    ema_decay : float or None
-        Keep an exponential moving average of the weights (and BatchNorm statistics); validation uses
-        it and the model ends with its weights.
-    ema_warmup : bool
-        Ramp the EMA decay as TF's ``ExponentialMovingAverage(num_updates=step)`` does (the paper's
-        recipe): ``min(ema_decay, (1 + n) / (10 + n))`` at the n-th update, so that a decay such as
-        0.9999 does not pin the average to the initial weights for the first ~10k steps.
-    precise_bn_batches : int
-        Before each validation (and at the end when there is none), recompute the BatchNorm
-        statistics that train from this many training batches with the current weights ("precise
-        BN", Wu & Johnson 2021). Running averages lag behind fast-moving weights, which on short runs
-        makes eval-mode predictions useless; 0 turns this off.
-    freeze : {"none", "backbone", "bn"} or int
-        See :func:`apply_freeze`.
-    early_stopping, patience, monitor, min_delta
-        Stop after ``patience`` epochs without improvement of ``monitor`` (``"val_loss"``, lower is
-        better, or ``"val_score"``, higher is better) and restore the best weights.
-    device, precision : str
-        As :func:`effsk.utils.runtime.resolve_device` / :func:`~effsk.utils.runtime.resolve_precision`.
-    channels_last : bool or None
-        ``None``: channels_last memory format on CUDA only.
-    seed : int or None
-        Reseeds the train loader's generator every epoch (``seed + epoch``) so shuffling, and worker
-        augmentation seeds, depend only on the epoch: a resumed run sees the same batches.
-    steps_per_epoch : int or None
-        Batches per epoch, for loaders without ``len``.
-    verbose : int
-        ``>= 1``: a progress bar per epoch and a summary line per epoch.
-    """
-
-    max_epochs: int = 10
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.999)
-    rmsprop_decay: float = 0.9
-    eps: float | None = None
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    min_lr: float = 0.0
-    decay_epochs: float = 2.4
-    decay_rate: float = 0.97
-    label_smoothing: float = 0.0
-    clip_grad_norm: float | None = None
-    ema_decay: float | None = None
-    ema_warmup: bool = False
-    precise_bn_batches: int = 0
-    freeze: str | int = "none"
-    early_stopping: bool = False
-    patience: int = 5
-    monitor: str = "val_loss"
-    min_delta: float = 0.0
-    device: str | torch.device = "auto"
-    precision: str = "auto"
-    channels_last: bool | None = None
-    seed: int | None = None
-    steps_per_epoch: int | None = None
-    verbose: int = 0
-
-    def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r}; use one of {OPTIMIZERS}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r}; use one of {SCHEDULES}")
-        if self.monitor not in MONITORS:
-            raise ValueError(f"monitor={self.monitor!r}; use one of {MONITORS}")
-        if self.precise_bn_batches < 0:
-            raise ValueError(f"precise_bn_batches={self.precise_bn_batches} must be >= 0")
-        if self.max_epochs < 0 or self.patience < 1:
-            raise ValueError(f"need max_epochs >= 0 and patience >= 1, got {self.max_epochs}, {self.patience}")
-        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay={self.ema_decay!r} must lie in [0, 1)")
-        _check_freeze(self.freeze)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["device"] = str(d["device"])
-        return d
 
 
 class Callback:
@@ -181,151 +77,6 @@ class Callback:
     def on_epoch_end(self, trainer: "Trainer", record: dict) -> None: ...
 
     def on_fit_end(self, trainer: "Trainer") -> None: ...
-
-
-def _check_freeze(freeze) -> None:
-    if isinstance(freeze, bool) or not (freeze in FREEZE_MODES or (isinstance(freeze, int) and freeze >= 0)):
-        raise ValueError(f"freeze={freeze!r}; use one of {FREEZE_MODES} or an int k >= 0 (stem and first k stages)")
-
-
-def apply_freeze(model: nn.Module, freeze: str | int) -> list[nn.Module]:
-    """Set which parameters train; return the modules that must stay in eval mode while training.
-
-    ``"none"``: everything trains. ``"backbone"``: only the head (``model.get_classifier()``) trains; the rest runs in
-    eval mode (BatchNorm statistics frozen, no stochastic depth). int k: the stem and the first k
-    stages (``features[0..k]``) are frozen the same way. ``"bn"``: every weight trains but all
-    BatchNorm layers run in eval mode, so their running statistics stay as loaded.
-
-    >>> from effsk.nn import efficientnet
-    >>> model = efficientnet("b0", num_classes=3)
-    >>> held = apply_freeze(model, 2)
-    >>> len(held), sum(p.numel() for p in model.features[:3].parameters() if p.requires_grad)
-    (3, 0)
-    """
-    _check_freeze(freeze)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    if freeze == "none":
-        return []
-    if freeze == "bn":
-        return [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    if freeze == "backbone":
-        head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "classifier", None)
-        if head is None:
-            raise ValueError("freeze='backbone' needs a model with a head (`get_classifier()` or `classifier`)")
-        frozen = [m for m in model.children() if not any(sub is head for sub in m.modules())]
-    else:
-        features = getattr(model, "features", None)
-        if features is None or freeze > len(features) - 2:
-            top = "?" if features is None else len(features) - 2
-            raise ValueError(f"freeze={freeze} is out of range: this model has {top} stages after its stem")
-        frozen = list(features[: freeze + 1])
-    for module in frozen:
-        for p in module.parameters():
-            p.requires_grad_(False)
-    return frozen
-
-
-def top_k_accuracy(outputs: torch.Tensor, targets: torch.Tensor, k: int = 1) -> float:
-    """Fraction of rows whose target is among the ``k`` largest outputs."""
-    top = outputs.topk(min(k, outputs.shape[1]), dim=1).indices
-    return (top == targets.view(-1, 1)).any(dim=1).float().mean().item()
-
-
-def _to_device(x, device: torch.device, channels_last: bool = False):
-    if not isinstance(x, torch.Tensor):
-        return x
-    if channels_last and x.ndim == 4:
-        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return x.to(device, non_blocking=True)
-
-
-@contextlib.contextmanager
-def _explain_oom(inputs, doing: str):
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError as exc:
-        n = inputs.shape[0] if isinstance(inputs, torch.Tensor) else "?"
-        size = "x".join(str(s) for s in inputs.shape[-2:]) if isinstance(inputs, torch.Tensor) else "?"
-        smaller = max(1, n // 2) if isinstance(n, int) else "a smaller value"
-        raise torch.cuda.OutOfMemoryError(
-            f"CUDA ran out of memory {doing} a batch of {n} images at {size} px (batch_size={n}). "
-            f"Try a smaller batch_size (e.g. batch_size={smaller}), mixed precision (precision='bf16' or "
-            "'fp16'), a lower resolution, or freezing more of the network (freeze='backbone' or an int)."
-        ) from exc
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable,
-    *,
-    device: torch.device | str = "cpu",
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    progress: bool = False,
-):
-    """Run ``model`` in eval mode over ``(inputs, targets)`` batches.
-
-    Returns ``(outputs, targets)``: outputs as float32 on the CPU, in loader order, and the batches'
-    targets concatenated (``None`` if the loader yields inputs only).
-    """
-    device = torch.device(device)
-    model.eval()
-    outputs, targets = [], []
-    for batch in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
-        inputs, target = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-        with _explain_oom(inputs, "evaluating"):
-            with autocast(device, amp_dtype):
-                out = model(_to_device(inputs, device, channels_last))
-        outputs.append(out.float().cpu())
-        if target is not None:
-            targets.append(target)
-    out = torch.cat(outputs) if outputs else torch.empty(0)
-    tgt = torch.cat(targets) if targets else None
-    if gather is not None:
-        out = gather(out)
-        tgt = gather(tgt) if tgt is not None else None
-    return out, tgt
-
-
-@torch.no_grad()
-def recalibrate_bn(
-    model: nn.Module,
-    loader: Iterable,
-    *,
-    batches: int,
-    device: torch.device | str = "cpu",
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    frozen: Iterable[str] = (),
-) -> None:
-    """Recompute BatchNorm running statistics as exact averages over ``batches`` batches of
-    ``loader`` (as :func:`torch.optim.swa_utils.update_bn` does), with the model in train mode except
-    the ``frozen`` submodules (names), which stay in eval mode and keep their statistics."""
-    device = torch.device(device)
-    held = [model.get_submodule(name) for name in frozen]
-    held_ids = {id(m) for top in held for m in top.modules()}
-    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and id(m) not in held_ids]
-    if not layers or batches <= 0:
-        return
-    was_training = model.training
-    momenta = {}
-    for m in layers:
-        m.reset_running_stats()
-        momenta[m] = m.momentum
-        m.momentum = None  # cumulative average
-    model.train()
-    for m in held:
-        m.eval()
-    for batch in itertools.islice(loader, batches):
-        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-        with autocast(device, amp_dtype):
-            model(_to_device(inputs, device, channels_last))
-    for m, momentum in momenta.items():
-        m.momentum = momentum
-    model.train(was_training)
 
 
 class Trainer:
@@ -401,48 +152,45 @@ class Trainer:
             metric_fn = metric_fn or top_k_accuracy
         self.loss_fn, self.metric_fn = loss_fn, metric_fn
         self.callbacks = list(callbacks)
-        self.gather = gather
-        self.sync_buffers = sync_buffers
-        self.main_process = main_process
+        self.gather, self.sync_buffers, self.main_process = gather, sync_buffers, main_process
+        self._place_model(model, wrap_model)
+        self._build_optimization()
+        self._reset_progress()
 
+    def _place_model(self, model: nn.Module, wrap_model) -> None:
+        """Device and memory format, freezing, the EMA copy, and the wrapper for the forward pass."""
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.module = model.to(self.device, memory_format=memory_format)
-        self._held_in_eval = apply_freeze(self.module, config.freeze)
+        self._held_in_eval = apply_freeze(self.module, self.config.freeze)
         held = {id(m) for m in self._held_in_eval}
         self._held_names = [name for name, m in self.module.named_modules() if id(m) in held]
         self.ema = None
-        if config.ema_decay is not None:
-            average = _ema_warmup_multi_avg_fn(config.ema_decay) if config.ema_warmup else get_ema_multi_avg_fn(config.ema_decay)
+        if self.config.ema_decay is not None:
+            decay = self.config.ema_decay
+            average = ema_warmup_avg_fn(decay) if self.config.ema_warmup else get_ema_multi_avg_fn(decay)
             self.ema = AveragedModel(self.module, multi_avg_fn=average, use_buffers=True)
         self.model = wrap_model(self.module) if wrap_model is not None else self.module
 
-        self.steps_per_epoch = int(config.steps_per_epoch or len(train_loader))
+    def _build_optimization(self) -> None:
+        """Optimiser, per-step schedule and grad scaler for the trainable parameters."""
+        config = self.config
+        self.steps_per_epoch = int(config.steps_per_epoch or len(self.train_loader))
         if self.steps_per_epoch < 1:
             raise ValueError("the training loader yields no batches")
         self.optimizer = build_optimizer(
-            self.module,
-            config.optimizer,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            momentum=config.momentum,
-            betas=tuple(config.betas),
-            rmsprop_decay=config.rmsprop_decay,
-            eps=config.eps,
+            self.module, config.optimizer, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum,
+            betas=tuple(config.betas), rmsprop_decay=config.rmsprop_decay, eps=config.eps,
         )
         self.scheduler = build_scheduler(
-            self.optimizer,
-            config.schedule,
-            steps_per_epoch=self.steps_per_epoch,
-            epochs=config.max_epochs,
-            warmup_epochs=config.warmup_epochs,
-            min_lr=config.min_lr,
-            decay_epochs=config.decay_epochs,
+            self.optimizer, config.schedule, steps_per_epoch=self.steps_per_epoch, epochs=config.max_epochs,
+            warmup_epochs=config.warmup_epochs, min_lr=config.min_lr, decay_epochs=config.decay_epochs,
             decay_rate=config.decay_rate,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.trainable = [p for p in self.module.parameters() if p.requires_grad]
         self.last_lr = self.optimizer.param_groups[0]["lr"]
 
+    def _reset_progress(self) -> None:
         self.epoch = 0  # completed epochs
         self.step = 0  # optimiser steps
         self.step_in_epoch = 0
@@ -481,7 +229,7 @@ class Trainer:
             self._loss_sum.zero_()
             self._epoch_count = 0
             if self.config.verbose and self.main_process:
-                tqdm.write(_format_record(record, self.config.max_epochs))
+                tqdm.write(_format_record(record, self.config))
             self._callback("on_epoch_end", record)
         self._finish()
         self._callback("on_fit_end")
@@ -499,7 +247,7 @@ class Trainer:
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=self.step_in_epoch,
-            desc=f"epoch {self.epoch + 1}/{self.config.max_epochs}",
+            desc=self.config.epoch_label(self.epoch),
             leave=False,
             disable=not (self.config.verbose and self.main_process),
         )
@@ -507,8 +255,8 @@ class Trainer:
         for batch in batches:
             if self.step_in_epoch >= self.steps_per_epoch:
                 break
-            inputs = _to_device(batch[0], self.device, self.channels_last)
-            targets = _to_device(batch[1], self.device)
+            inputs = to_device(batch[0], self.device, self.channels_last)
+            targets = to_device(batch[1], self.device)
             loss = self._train_step(inputs, targets)
             n = inputs.shape[0]
             self._loss_sum += loss.detach().float() * n  # stays on the device: no host sync per step
@@ -566,7 +314,7 @@ class Trainer:
         return (pair[0] / pair[1]).item() if pair[1] > 0 else float("nan")
 
     def _train_step(self, inputs, targets) -> torch.Tensor:
-        with _explain_oom(inputs, "training on"):
+        with explain_oom(inputs, "training on"):
             with autocast(self.device, self.amp_dtype):
                 outputs = self.model(inputs)
                 loss = self.loss_fn(outputs, targets)
@@ -699,25 +447,6 @@ class Trainer:
         self._pending_rng = state.get("rng")
 
 
-def _ema_warmup_multi_avg_fn(decay: float):
-    """EMA update with TF's decay ramp ``min(decay, (1 + n) / (10 + n))``, for AveragedModel.
-
-    The ramp is computed from AveragedModel's update count on its device: no host sync per step.
-    """
-
-    @torch.no_grad()
-    def update(ema_params, params, num_averaged) -> None:
-        ramped = ((1 + num_averaged) / (10 + num_averaged)).clamp(max=decay)
-        if torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0]):
-            torch._foreach_mul_(ema_params, ramped)
-            torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - ramped))
-        else:
-            for p_ema, p in zip(ema_params, params):
-                p_ema.copy_(p_ema * ramped + p * (1 - ramped))
-
-    return update
-
-
 def _get_rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -731,22 +460,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _format_record(record: dict, max_epochs: int) -> str:
-    parts = [f"epoch {record['epoch'] + 1}/{max_epochs}"]
+def _format_record(record: dict, config: TrainConfig) -> str:
+    parts = [config.epoch_label(record["epoch"])]
     for key in ("train_loss", "val_loss", "val_score"):
         if key in record:
             parts.append(f"{key} {record[key]:.4f}")
     parts.append(f"lr {record['lr']:.2e}")
     parts.append(f"{record['seconds']:.1f}s")
     return "  ".join(parts)
-
-
-def fit_model(
-    model: nn.Module,
-    train_loader: Iterable,
-    val_loader: Iterable | None = None,
-    config: TrainConfig | None = None,
-    **kwargs,
-) -> list[dict]:
-    """Train ``model`` in place and return its history: ``Trainer(...).fit()``."""
-    return Trainer(model, train_loader, val_loader, config, **kwargs).fit()

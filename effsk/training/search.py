@@ -9,33 +9,33 @@ data split, budget and seed. It is exposed as ``effsk.search_coefficients``.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import numbers
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from numbers import Integral, Real
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 from joblib import Parallel, cpu_count, delayed, effective_n_jobs
-from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import _safe_indexing, check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
-from ..data.transforms import AUGMENT_PRESETS, train_transform
 from ..data.images import make_loader, num_images
-from ..data.transforms import eval_transform
+from ..data.preprocessing import default_preprocessing
+from ..data.transforms import AUGMENT_PRESETS, eval_transform, train_transform
 from ..nn.cost import count_macs, count_params
 from ..nn.registry import ARCHITECTURES, build
-from ..data.preprocessing import default_preprocessing
-from ..utils.runtime import resolve_device
 from ..scaling import ARCH_DEFAULTS, Scaling, compound, resolve
-from .loop import TrainConfig, Trainer
+from ..utils.runtime import forked_rng, resolve_device
+from .config import PRECISE_BN_BATCHES, TrainConfig
+from .loop import Trainer
+from .splits import holdout_split
 
 __all__ = [
     "DEFAULT_GRID",
@@ -56,9 +56,6 @@ DEFAULT_GRID: dict[str, tuple[float, ...]] = {
 _BASES = ("alpha", "beta", "gamma")
 # Set by the search itself: the budget through max_epochs, the seed through random_state.
 _RESERVED_CONFIG = ("max_epochs", "seed")
-# Training batches that recompute BatchNorm statistics before each validation: short runs from
-# scratch leave the running averages far behind the weights (see TrainConfig.precise_bn_batches).
-_PRECISE_BN_BATCHES = 64
 # Float slack on the constraint, so 1.1 * 1.1**2 * 1.2**2 and the like are judged as written.
 _CONSTRAINT_SLACK = 1e-9
 
@@ -112,6 +109,28 @@ class _Setup:
     threads: int
 
 
+@validate_params(
+    {
+        "X": "no_validation",  # images of any kind effsk.data.images reads
+        "y": ["array-like"],
+        "arch": [StrOptions(set(ARCHITECTURES))],
+        "grid": [Mapping, "array-like", None],  # its entries are checked with the constraint
+        "tolerance": [Interval(Real, 0, None, closed="left")],
+        "base_resolution": [Interval(Integral, 1, None, closed="left"), None],
+        "base_width": [Interval(Real, 0, None, closed="neither")],
+        "base_depth": [Interval(Real, 0, None, closed="neither")],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "augment": [StrOptions(set(AUGMENT_PRESETS))],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "train_config": [Mapping, None],
+        "num_workers": [Interval(Integral, 0, None, closed="left")],
+        "n_jobs": [Integral, None],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    },
+    prefer_skip_nested_validation=True,
+)
 def search_coefficients(
     X,
     y,
@@ -194,8 +213,9 @@ def search_coefficients(
     Raises
     ------
     ValueError
-        An unknown arch, a malformed grid, a grid with no triple within the tolerance, an explicit
-        triple outside it, too few images per class for the split, or an unknown TrainConfig field.
+        A setting out of its range (scikit-learn's ``InvalidParameterError``, which names it), a
+        malformed grid, a grid with no triple within the tolerance, an explicit triple outside it,
+        too few images per class for the split, or an unknown TrainConfig field.
 
     Examples
     --------
@@ -212,35 +232,23 @@ def search_coefficients(
     >>> search.best_ in [(2.0, 1.0, 1.0), (1.0, 1.0, 1.4)]
     True
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"arch={arch!r} is not valid; use one of {tuple(ARCHITECTURES)}.")
-    tolerance = _check_positive_real("tolerance", tolerance, allow_zero=True)
-    candidates = _candidates(grid, tolerance)
+    candidates = _candidates(grid, float(tolerance))
     base_resolution = ARCH_DEFAULTS[arch].resolution if base_resolution is None else base_resolution
-    _check_positive_int("base_resolution", base_resolution)
-    base_width = _check_positive_real("base_width", base_width)
-    base_depth = _check_positive_real("base_depth", base_depth)
-    _check_positive_int("max_epochs", max_epochs)
-    _check_positive_int("batch_size", batch_size)
-    if augment not in AUGMENT_PRESETS:
-        raise ValueError(f"augment={augment!r} is not valid; use one of {AUGMENT_PRESETS}.")
-    if not (isinstance(validation_fraction, numbers.Real) and 0 < validation_fraction < 1):
-        raise ValueError(f"validation_fraction={validation_fraction!r} is not valid; use a number in (0, 1).")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
-        raise ValueError(f"num_workers={num_workers!r} is not valid; use an int >= 0.")
-
     seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
     config = _train_config(train_config, max_epochs, seed, verbose)
     targets, num_classes = _encode_labels(X, y)
-    train_idx, val_idx = _split(targets, validation_fraction, seed)
+    train_idx, val_idx = holdout_split(
+        len(targets), validation_fraction, seed=seed, stratify=targets,
+        remedy="Use more images per class or another validation_fraction.",
+    )
 
     workers = min(effective_n_jobs(n_jobs), len(candidates))
     setup = _Setup(
         arch=arch,
         num_classes=num_classes,
         base_resolution=int(base_resolution),
-        base_width=base_width,
-        base_depth=base_depth,
+        base_width=float(base_width),
+        base_depth=float(base_depth),
         batch_size=int(batch_size),
         augment=augment,
         num_workers=int(num_workers),
@@ -269,6 +277,16 @@ def search_coefficients(
     return _result(rows)
 
 
+@validate_params(
+    {
+        "arch": [StrOptions(set(ARCHITECTURES))],
+        "coefficients": [tuple],
+        "base_resolution": [Interval(Integral, 1, None, closed="left")],
+        "base_width": [Interval(Real, 0, None, closed="neither")],
+        "base_depth": [Interval(Real, 0, None, closed="neither")],
+    },
+    prefer_skip_nested_validation=True,
+)
 def candidate_scaling(
     arch: str,
     coefficients: Coefficients,
@@ -297,6 +315,22 @@ def candidate_scaling(
 # -- training one config (runs in a joblib worker) ----------------------------------------------------
 
 
+@validate_params(
+    {
+        "arch": [StrOptions(set(ARCHITECTURES))],
+        "scaling": [Scaling],
+        "X_train": "no_validation",
+        "y_train": ["array-like"],
+        "X_val": "no_validation",
+        "y_val": ["array-like"],
+        "num_classes": [Interval(Integral, 2, None, closed="left")],
+        "config": [TrainConfig],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "augment": [StrOptions(set(AUGMENT_PRESETS))],
+        "num_workers": [Interval(Integral, 0, None, closed="left")],
+    },
+    prefer_skip_nested_validation=True,
+)
 def fit_and_score(
     arch: str,
     scaling: Scaling,
@@ -346,7 +380,7 @@ def fit_and_score(
     if config.seed is None:
         raise ValueError("fit_and_score needs config.seed: every compared model starts from the same seed.")
     y_train, y_val = np.asarray(y_train), np.asarray(y_val)
-    with _forked_rng(resolve_device(config.device)):
+    with forked_rng(resolve_device(config.device)):
         torch.manual_seed(config.seed)
         model = build(arch, scaling, num_classes=num_classes)
         params, macs = count_params(model), count_macs(model)
@@ -424,14 +458,6 @@ def _train_candidate(coefficients: Coefficients, setup: _Setup, X_train, y_train
     }
 
 
-@contextlib.contextmanager
-def _forked_rng(device: torch.device):
-    """Seeded work inside leaves the caller's RNG as it was (candidates may run in its process)."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
 # -- inputs ----------------------------------------------------------------------------------------
 
 
@@ -444,7 +470,7 @@ def _feasible(c: Coefficients, tolerance: float) -> bool:
 
 
 def _check_base(where: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 1):
+    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and value >= 1):
         raise ValueError(f"{where}={value!r} is not valid; compound bases are finite numbers >= 1.")
     return float(value)
 
@@ -499,19 +525,6 @@ def _candidates(grid, tolerance: float) -> list[Coefficients]:
     return out
 
 
-def _check_positive_real(name: str, value, allow_zero: bool = False) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}={value!r} is not valid; use a finite number {bound}.")
-    return float(value)
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}={value!r} is not valid; use an int >= 1.")
-
-
 def _train_config(train_config: Mapping | None, max_epochs: int, seed: int, verbose: int) -> TrainConfig:
     settings = dict(train_config or {})
     known = {f.name for f in fields(TrainConfig)}
@@ -523,7 +536,7 @@ def _train_config(train_config: Mapping | None, max_epochs: int, seed: int, verb
             )
         if key not in known:
             raise ValueError(f"train_config[{key!r}] is not a TrainConfig field; known fields: {sorted(known)}.")
-    settings.setdefault("precise_bn_batches", _PRECISE_BN_BATCHES)
+    settings.setdefault("precise_bn_batches", PRECISE_BN_BATCHES)
     settings.setdefault("verbose", max(0, verbose - 1))
     return TrainConfig(max_epochs=int(max_epochs), seed=seed, **settings)
 
@@ -539,20 +552,6 @@ def _encode_labels(X, y) -> tuple[np.ndarray, int]:
     if len(encoder.classes_) < 2:
         raise ValueError(f"y has {len(encoder.classes_)} class; a classification search needs at least 2.")
     return encoder.transform(labels).astype(np.int64), len(encoder.classes_)
-
-
-def _split(targets: np.ndarray, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    positions = np.arange(len(targets))
-    try:
-        train_idx, val_idx = train_test_split(
-            positions, test_size=validation_fraction, stratify=targets, random_state=seed % (2**32)
-        )
-    except ValueError as exc:
-        raise ValueError(
-            f"cannot hold out validation_fraction={validation_fraction} of {len(targets)} images stratified "
-            f"by class: {exc} Use more images per class or another validation_fraction."
-        ) from None
-    return np.sort(train_idx), np.sort(val_idx)
 
 
 def _result(rows: list[dict]) -> CoefficientSearchResult:

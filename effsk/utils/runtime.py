@@ -1,4 +1,4 @@
-"""Device and precision resolution shared by every estimator and the training loop."""
+"""Device, precision and RNG handling shared by every estimator and the training loop."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-__all__ = ["resolve_device", "resolve_precision", "autocast"]
+__all__ = ["resolve_device", "resolve_precision", "autocast", "forked_rng", "explain_oom"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -52,3 +52,37 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def forked_rng(device: torch.device):
+    """Seeded work inside leaves the caller's global RNG (CPU, and ``device``'s on CUDA) as it was.
+
+    >>> state = torch.get_rng_state()
+    >>> with forked_rng(torch.device("cpu")):
+    ...     _ = torch.manual_seed(0), torch.rand(3)
+    >>> torch.equal(torch.get_rng_state(), state)
+    True
+    """
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
+def explain_oom(inputs, doing: str):
+    """Re-raise a CUDA out-of-memory error inside the block with the batch size and what to change."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        n = inputs.shape[0] if isinstance(inputs, torch.Tensor) else "?"
+        size = "x".join(str(s) for s in inputs.shape[-2:]) if isinstance(inputs, torch.Tensor) else "?"
+        smaller = max(1, n // 2) if isinstance(n, int) else "a smaller value"
+        freezing = ", or freezing more of the network (freeze='backbone' or an int)" if doing.startswith("training") else ""
+        raise torch.cuda.OutOfMemoryError(
+            f"CUDA ran out of memory {doing} a batch of {n} images at {size} px (batch_size={n}). "
+            f"Try a smaller batch_size (e.g. batch_size={smaller}), mixed precision (precision='bf16' or "
+            f"'fp16'), a lower resolution{freezing}."
+        ) from exc
