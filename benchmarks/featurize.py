@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from effsk.nn import efficientnet  # noqa: E402
 from effsk.nn.inference import optimize_for_inference  # noqa: E402
-from effsk.data.preprocessing import default_preprocessing  # noqa: E402
 from effsk.utils.runtime import resolve_device  # noqa: E402
 from effsk.scaling import resolve  # noqa: E402
+from effsk.weights import variant_preprocessing  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -464,7 +464,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     args.precision = args.precision or ["fp32", "bf16"]
     scaling = resolve(args.phi)
-    pre = default_preprocessing(scaling)
+    pre = variant_preprocessing(scaling)  # the variant's own weights' recipe (b1..b7: torchvision's)
     if args.resolution:
         pre = pre.with_resolution(args.resolution)
 

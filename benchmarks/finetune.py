@@ -39,9 +39,9 @@ from torchvision.transforms import InterpolationMode, v2
 
 from effsk.estimators import EfficientNetClassifier
 from effsk.nn import efficientnet
-from effsk.data.preprocessing import default_preprocessing
 from effsk.utils.runtime import autocast, resolve_device, resolve_precision
 from effsk.scaling import resolve
+from effsk.weights import variant_preprocessing
 
 
 def digits():
@@ -67,7 +67,7 @@ class _PlainImages(Dataset):
 
 
 def _preprocessing(args):
-    return default_preprocessing(resolve(args.phi)).with_resolution(args.resolution)
+    return variant_preprocessing(args.phi).with_resolution(args.resolution)
 
 
 def plain_torchvision(X, y, args) -> dict:

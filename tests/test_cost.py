@@ -4,6 +4,8 @@ import pytest
 from torchvision.models import get_model_weights
 
 from effsk.nn import count_macs, count_params, efficientnet
+from effsk.nn.cost import _meta_model
+from effsk.scaling import compound, resolve
 
 # REFERENCE.md: torchvision GFLOPs (multiply-adds) and params of b0..b7.
 TV_GFLOPS = {0: 0.386, 1: 0.687, 2: 1.088, 3: 1.827, 4: 4.394, 5: 10.266, 6: 19.068, 7: 37.746}
@@ -36,14 +38,18 @@ def test_paper_table2_flops_order_of_magnitude():
 
 
 def test_params_and_flops_grow_monotonically_with_phi():
-    phis = [i / 4 for i in range(0, 33)]
+    # Every kind of step of scaling="official": B0, interpolation between published neighbours (0.5,
+    # 3.5), a published step (1), B7 and the compound rule beyond it (8).
+    phis = [0, 0.5, 1, 3.5, 7, 8]
     params = [count_params(p) for p in phis]
     flops = [count_macs(p) for p in phis]
     assert all(b >= a for a, b in zip(params, params[1:]))
     assert all(b >= a for a, b in zip(flops, flops[1:]))
     assert flops[-1] > 50 * flops[0]
-    # compound scaling: FLOPs ~ 2^phi (alpha * beta^2 * gamma^2 = 1.92)
-    ratio = count_macs(4.0, scaling="compound") / count_macs(0.0, scaling="compound")
+    # compound scaling: FLOPs ~ 2^phi (alpha * beta^2 * gamma^2 = 1.92). Its phi = 0 is B0's network
+    # (multipliers all 1), whose count is flops[0].
+    assert compound(0) == (1, 1, 1)
+    ratio = count_macs(4.0, scaling="compound") / flops[0]
     assert 1.92**4 * 0.7 < ratio < 1.92**4 * 1.3
 
 
@@ -53,3 +59,6 @@ def test_counts_of_one_config_are_reused_and_options_are_not_mixed_up():
     assert count_params("b0") == TV_PARAMS[0]
     assert count_macs("b0", 64) < count_macs("b0", 224) == count_macs("b0")
     assert count_params("b0", arch="efficientnet") == TV_PARAMS[0]
+    # one model per resolved config, however phi is spelled
+    assert _meta_model("b0", {}) is _meta_model(0, {}) is _meta_model(resolve("b0"), {"arch": "efficientnet"})
+    assert _meta_model("b0", {}) is not _meta_model("b0", {"num_classes": 0})

@@ -3,7 +3,8 @@
 Models are built on the ``meta`` device, so even B7 at 600px costs no memory or compute; torch's
 own FlopCounterMode does the counting (it reports 2 FLOPs per multiply-add). A config is built once
 per process and each (config, resolution) counted once: tables that ask for both counts of many
-variants pay for each model once.
+variants pay for each model once. The cache is keyed by the resolved config, so ``"b7"``, ``7`` and
+``resolve("b7")`` share one model, and the default resolution by its value.
 """
 
 from __future__ import annotations
@@ -15,23 +16,33 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..scaling import Scaling, resolve
 from .registry import build
 
 __all__ = ["count_params", "count_macs"]
 
 
+# build() options that only say how phi resolves: they become part of the resolved config.
+_RESOLVE_OPTIONS = ("arch", "scaling", "alpha", "beta", "gamma")
+
+
+def _config_key(phi, kwargs: dict) -> tuple[Scaling, tuple]:
+    """The resolved config of ``build(arch, phi, **kwargs)`` and its remaining build options."""
+    options = dict(kwargs)
+    how = {name: options.pop(name) for name in _RESOLVE_OPTIONS if name in options}
+    return resolve(phi, **how), tuple(sorted(options.items()))
+
+
 @lru_cache(maxsize=32)
-def _cached_meta_model(phi, options: tuple) -> nn.Module:
-    kwargs = dict(options)
-    arch = kwargs.pop("arch", None) or getattr(phi, "arch", "efficientnet")
+def _cached_meta_model(config: Scaling, options: tuple) -> nn.Module:
     with torch.device("meta"):
-        return build(arch, phi, **kwargs)
+        return build(config.arch, config, **dict(options))
 
 
 def _meta_model(model_or_phi, kwargs: dict) -> nn.Module:
     if isinstance(model_or_phi, nn.Module):
         return model_or_phi
-    return _cached_meta_model(model_or_phi, tuple(sorted(kwargs.items())))
+    return _cached_meta_model(*_config_key(model_or_phi, kwargs))
 
 
 def count_params(model_or_phi, **kwargs) -> int:
@@ -54,12 +65,13 @@ def count_macs(model_or_phi, resolution: int | None = None, **kwargs) -> int:
     """
     if isinstance(model_or_phi, nn.Module):
         return _count_macs(model_or_phi, resolution)
-    return _cached_macs(model_or_phi, resolution, tuple(sorted(kwargs.items())))
+    config, options = _config_key(model_or_phi, kwargs)
+    return _cached_macs(config, resolution or config.resolution, options)
 
 
 @lru_cache(maxsize=128)
-def _cached_macs(phi, resolution: int | None, options: tuple) -> int:
-    return _count_macs(_cached_meta_model(phi, options), resolution)
+def _cached_macs(config: Scaling, resolution: int, options: tuple) -> int:
+    return _count_macs(_cached_meta_model(config, options), resolution)
 
 
 def _count_macs(model: nn.Module, resolution: int | None) -> int:
