@@ -1,7 +1,9 @@
 """Preprocessing configs: how raw images become model input. They travel with the weights.
 
 Semantics are torchvision's ImageClassification eval transform: resize the shorter side to
-``resize_size`` with ``interpolation``, centre-crop ``crop_size``, scale to [0, 1], normalise.
+``resize_size`` with ``interpolation``, centre-crop ``crop_size``, scale to [0, 1], normalise. The
+``crop`` policy may replace the resize-and-crop step (the whole image squashed or letterboxed, another
+crop fraction, or a choice by image size); :func:`effsk.data.transforms.eval_transform` applies it.
 
 This module holds the recipes (torchvision's crop fraction, the TF reference's crop padding); which
 recipe a published variant's weights use is recorded once, in :mod:`effsk.weights.registry`.
@@ -10,6 +12,7 @@ recipe a published variant's weights use is recorded once, in :mod:`effsk.weight
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from numbers import Real
 
 from ..scaling import Scaling
 
@@ -21,6 +24,8 @@ __all__ = [
     "LITE_STD",
     "tf_preprocessing",
     "default_preprocessing",
+    "CROP_POLICIES",
+    "check_crop",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,14 +38,43 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 _CROP_FRACTION = 0.875
 # The TF reference eval crop: centre crop of resolution / (resolution + 32) of the shorter side, bicubic.
 _TF_CROP_PADDING = 32
+#: Named crop policies; a float in (0, 1] is a crop fraction instead (see :class:`Preprocessing`).
+CROP_POLICIES = ("center", "squash", "letterbox", "auto")
+
+
+def check_crop(crop):
+    """``crop`` as stored: one of :data:`CROP_POLICIES`, or a crop fraction in (0, 1] as a float.
+
+    >>> check_crop(0.95), check_crop("squash")
+    (0.95, 'squash')
+    """
+    if isinstance(crop, str) and crop in CROP_POLICIES:
+        return crop
+    if isinstance(crop, Real) and not isinstance(crop, bool) and 0 < crop <= 1:
+        return float(crop)
+    raise ValueError(f"crop={crop!r}; use one of {CROP_POLICIES} or a crop fraction in (0, 1] such as 0.95")
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize-shorter-side, centre-crop, normalise.
+    """Resize-shorter-side, centre-crop, normalise; or another ``crop`` policy.
+
+    ``crop`` says which part of the image becomes the ``crop_size`` square:
+
+    - ``"center"`` (the weights' published eval recipe): resize the shorter side to ``resize_size``,
+      centre-crop ``crop_size``. Cuts the borders, and the object when it fills the frame.
+    - ``"squash"``: resize the whole image to ``crop_size`` x ``crop_size`` (aspect ratio not kept).
+    - ``"letterbox"``: resize the longer side to ``crop_size`` and pad the rest of the square with the
+      mean colour (zero after normalisation), centred.
+    - a float in (0, 1]: a crop fraction, as timm's ``crop_pct``: resize the shorter side to
+      ``floor(crop_size / crop)``, centre-crop ``crop_size`` (``1.0`` cuts only the longer side).
+    - ``"auto"``: ``"squash"`` for an image whose shorter side is below ``resize_size`` (one the
+      centre recipe would upscale: small images fill their frame), ``"center"`` otherwise.
+
+    ``"center"`` is the default, so a stored dict without ``crop`` reads as before.
 
     >>> Preprocessing(crop_size=224, resize_size=256).with_resolution(112)
-    Preprocessing(crop_size=112, resize_size=128, interpolation='bicubic', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    Preprocessing(crop_size=112, resize_size=128, interpolation='bicubic', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop='center')
     """
 
     crop_size: int
@@ -48,6 +82,7 @@ class Preprocessing:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    crop: str | float = "center"
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATIONS:
@@ -56,6 +91,7 @@ class Preprocessing:
             raise ValueError(f"need 0 < crop_size <= resize_size, got {self.crop_size}, {self.resize_size}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "crop", check_crop(self.crop))
 
     def with_resolution(self, resolution: int) -> "Preprocessing":
         """The same recipe at another crop size, keeping the resize/crop ratio."""
@@ -105,7 +141,7 @@ def default_preprocessing(scaling: Scaling) -> Preprocessing:
 
     >>> from effsk.scaling import resolve
     >>> default_preprocessing(resolve(0.5))
-    Preprocessing(crop_size=232, resize_size=265, interpolation='bicubic', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    Preprocessing(crop_size=232, resize_size=265, interpolation='bicubic', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop='center')
     """
     if scaling.lite:
         return tf_preprocessing(scaling.resolution, LITE_MEAN, LITE_STD)

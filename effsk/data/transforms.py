@@ -3,45 +3,112 @@
 :func:`eval_transform` is the deterministic recipe that travels with the weights; :func:`train_transform`
 adds augmentation. Train presets, all torchvision.transforms.v2:
 
-- ``"none"``: the model's eval transform (resize shorter side, centre crop), nothing random.
+- ``"none"``: the model's eval transform (its ``crop`` policy), nothing random.
 - ``"light"``: random resized crop (scale 0.5-1) and horizontal flip.
 - ``"randaugment"``: random resized crop (scale 0.08-1), flip, RandAugment (2 ops, magnitude 9).
 - ``"autoaugment"``: random resized crop (scale 0.08-1), flip, AutoAugment's ImageNet policy (the paper's).
+
+The random resized crops sample the whole image whatever the ``crop`` policy, so every policy trains
+on the same views; the policy decides what one deterministic view of an image is.
 
 Randomness comes from torch's global generator (each DataLoader worker's own when ``num_workers > 0``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from dataclasses import replace
+from typing import Any, Callable
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
 
-__all__ = ["AUGMENT_PRESETS", "eval_transform", "train_transform"]
+__all__ = ["AUGMENT_PRESETS", "eval_transform", "train_transform", "PadToSquare", "ByShorterSide"]
 
 AUGMENT_PRESETS = ("none", "light", "randaugment", "autoaugment")
 
 
-def eval_transform(preprocessing) -> Callable[[torch.Tensor], torch.Tensor]:
-    """RGB uint8 ``(3, H, W)`` -> float32 ``(3, crop, crop)``: torchvision's ImageClassification eval recipe.
+class PadToSquare(v2.Transform):
+    """Pad an image of at most ``size`` x ``size`` to exactly that, centred, with ``fill`` (one value
+    per channel); odd padding puts the extra pixel right/bottom, as :func:`F.center_crop` does."""
 
-    Resize the shorter side to ``resize_size`` (antialiased), centre-crop ``crop_size``, scale to [0, 1],
-    normalise with ``mean`` / ``std``.
+    def __init__(self, size: int, fill):
+        super().__init__()
+        self.size, self.fill = int(size), list(fill)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = F.get_size(flat_inputs[0])
+        dx, dy = self.size - width, self.size - height
+        return {"padding": [dx // 2, dy // 2, dx - dx // 2, dy - dy // 2]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return F.pad(inpt, params["padding"], fill=self.fill)
+
+
+class ByShorterSide(v2.Transform):
+    """``small`` for an image whose shorter side is below ``min_side``, ``large`` otherwise."""
+
+    def __init__(self, min_side: int, small: Callable, large: Callable):
+        super().__init__()
+        self.min_side, self.small, self.large = int(min_side), small, large
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"small": min(F.get_size(flat_inputs[0])) < self.min_side}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return (self.small if params["small"] else self.large)(inpt)
+
+
+# The policy "auto" uses for images the centre recipe would upscale: of the policies that keep the whole
+# image, squash scored best on small non-square photo crops (benchmarks/crop_policy.py; letterbox spends
+# pixels on padding).
+AUTO_SMALL_IMAGE_POLICY = "squash"
+
+
+def _geometry(preprocessing) -> v2.Transform:
+    """The resize/crop step of ``preprocessing``'s ``crop`` policy (uint8 in, uint8 out)."""
+    crop, size = preprocessing.crop, preprocessing.crop_size
+    interpolation = InterpolationMode(preprocessing.interpolation)
+    if crop == "auto":
+        return ByShorterSide(
+            preprocessing.resize_size,
+            small=_geometry(replace(preprocessing, crop=AUTO_SMALL_IMAGE_POLICY)),
+            large=_geometry(replace(preprocessing, crop="center")),
+        )
+    if crop == "squash":
+        return v2.Resize((size, size), interpolation=interpolation, antialias=True)
+    if crop == "letterbox":
+        # the mean colour, so that the padding is zero after normalisation (timm's crop_mode="border")
+        fill = [round(255 * m) for m in preprocessing.mean]
+        return v2.Compose(
+            [v2.Resize(None, max_size=size, interpolation=interpolation, antialias=True), PadToSquare(size, fill)]
+        )
+    resize = preprocessing.resize_size if crop == "center" else math.floor(size / crop)  # timm's crop_pct
+    return v2.Compose(
+        [v2.Resize(resize, interpolation=interpolation, antialias=True), v2.CenterCrop(size)]
+    )
+
+
+def eval_transform(preprocessing) -> Callable[[torch.Tensor], torch.Tensor]:
+    """RGB uint8 ``(3, H, W)`` (or a batch ``(N, 3, H, W)`` of one size) -> float32 ``(3, crop, crop)``.
+
+    The resize/crop step of ``preprocessing.crop`` (see :class:`~effsk.data.preprocessing.Preprocessing`;
+    ``"center"`` is torchvision's ImageClassification eval recipe: resize the shorter side to
+    ``resize_size``, antialiased, centre-crop ``crop_size``), then scale to [0, 1] and normalise
+    with ``mean`` / ``std``.
 
     >>> from effsk.data.preprocessing import Preprocessing
-    >>> t = eval_transform(Preprocessing(crop_size=32, resize_size=36))
-    >>> t(torch.zeros(3, 40, 60, dtype=torch.uint8)).shape
+    >>> image = torch.zeros(3, 40, 60, dtype=torch.uint8)
+    >>> eval_transform(Preprocessing(crop_size=32, resize_size=36))(image).shape
     torch.Size([3, 32, 32])
+    >>> letterboxed = eval_transform(Preprocessing(crop_size=32, resize_size=36, crop="letterbox"))(image)
+    >>> bool(letterboxed[:, :5].abs().max() < 0.01), bool((letterboxed[:, 5:26] < -1.5).all())  # 32x21 in the middle
+    (True, True)
     """
     return v2.Compose(
         [
-            v2.Resize(
-                preprocessing.resize_size,
-                interpolation=InterpolationMode(preprocessing.interpolation),
-                antialias=True,
-            ),
-            v2.CenterCrop(preprocessing.crop_size),
+            _geometry(preprocessing),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std)),
         ]

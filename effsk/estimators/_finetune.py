@@ -23,10 +23,12 @@ from ..training.optim import OPTIMIZERS
 from ..training import FREEZE_MODES, PRECISE_BN_BATCHES, TrainConfig, Trainer, holdout_split
 from ..utils.runtime import forked_rng, resolve_device
 from ._base import (
+    CROP_CONSTRAINTS,
     MODEL_PARAMETER_CONSTRAINTS,
     RUNTIME_PARAMETER_CONSTRAINTS,
     PreparedInferenceMixin,
     build_estimator_model,
+    input_preprocessing,
 )
 
 __all__ = ["FineTuneEstimator", "FINETUNE_PARAMETER_DOCS"]
@@ -59,7 +61,7 @@ class IndexedLoss:
 #: numpydoc entries of the parameters and attributes the classifier and the regressor share.
 FINETUNE_PARAMETER_DOCS = {
     "training_parameters": (
-        "resolution", "freeze", "head_epochs", "max_epochs", "lr", "batch_size", "optimizer", "weight_decay",
+        "resolution", "crop", "freeze", "head_epochs", "max_epochs", "lr", "batch_size", "optimizer", "weight_decay",
         "augment", "drop_rate_drop_path_rate", "validation_fraction", "early_stopping", "patience",
     ),
     "runtime_parameters": ("device", "precision", "num_workers", "random_state", "verbose", "warm_start"),
@@ -142,6 +144,7 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
         **RUNTIME_PARAMETER_CONSTRAINTS,
         "batch_size": [Interval(Integral, 2, None, closed="left")],  # BatchNorm cannot train on a batch of one
         "resolution": [Interval(Integral, 8, None, closed="left"), None],
+        **CROP_CONSTRAINTS,
         "freeze": [StrOptions({"auto", *FREEZE_MODES}), Interval(Integral, 0, None, closed="left")],
         "head_epochs": [Interval(Integral, 0, None, closed="left")],
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
@@ -241,10 +244,8 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
             build_kwargs["drop_path_rate"] = self.drop_path_rate
         model, preprocessing = build_estimator_model(self, num_classes=n_outputs, **build_kwargs)
         self._init_head(model, n_outputs)
-        if self.resolution is not None:
-            preprocessing = preprocessing.with_resolution(self.resolution)
         self.model_ = model
-        self.preprocessing_ = preprocessing
+        self.preprocessing_ = input_preprocessing(self, preprocessing)
 
     def _split(self, n: int, stratify, seed: int):
         if not self.early_stopping:

@@ -13,7 +13,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
-from ._base import document_parameters
+from ._base import DEFAULT_CROP, document_parameters
 from ._finetune import FINETUNE_PARAMETER_DOCS, FineTuneEstimator, _check_sample_weight
 
 __all__ = ["EfficientNetClassifier"]
@@ -71,6 +71,7 @@ class EfficientNetClassifier(ClassifierMixin, FineTuneEstimator):
         beta=None,
         gamma=None,
         resolution=None,
+        crop=DEFAULT_CROP,
         freeze="auto",
         head_epochs=1,
         max_epochs=10,
@@ -101,6 +102,7 @@ class EfficientNetClassifier(ClassifierMixin, FineTuneEstimator):
         self.beta = beta
         self.gamma = gamma
         self.resolution = resolution
+        self.crop = crop
         self.freeze = freeze
         self.head_epochs = head_epochs
         self.max_epochs = max_epochs

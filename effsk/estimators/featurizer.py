@@ -17,12 +17,15 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.cache import open_feature_cache, weights_identity
 from ..data.images import ON_ERROR, ImageLoadWarning, _items, item_digest, num_images
 from ._base import (
+    CROP_CONSTRAINTS,
+    DEFAULT_CROP,
     MODEL_PARAMETER_CONSTRAINTS,
     RUNTIME_PARAMETER_CONSTRAINTS,
     PreparedInferenceMixin,
     build_estimator_model,
     derived_from_model,
     document_parameters,
+    input_preprocessing,
     resolve_runtime,
 )
 
@@ -76,6 +79,7 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
     resolution : int, optional
         Crop size fed to the network; defaults to the weights' preprocessing (the resize keeps its
         ratio to the crop).
+    {crop}
     {batch_size}
     {device}
     {precision}
@@ -114,6 +118,7 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
         "pooling": [StrOptions(set(POOLINGS))],
         "layers": [None, "array-like"],
         "resolution": [None, Interval(Integral, 1, None, closed="left")],
+        **CROP_CONSTRAINTS,
         **RUNTIME_PARAMETER_CONSTRAINTS,
         "memory": [None, str, os.PathLike, HasMethods(["cache"])],
         "on_error": [StrOptions(set(ON_ERROR))],
@@ -132,6 +137,7 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
         pooling="avg",
         layers=None,
         resolution=None,
+        crop=DEFAULT_CROP,
         batch_size=32,
         device="auto",
         precision="auto",
@@ -150,6 +156,7 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
         self.pooling = pooling
         self.layers = layers
         self.resolution = resolution
+        self.crop = crop
         self.batch_size = batch_size
         self.device = device
         self.precision = precision
@@ -183,9 +190,7 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
         model, preprocessing = build_estimator_model(self, num_classes=0)
         self.layers_ = self._resolve_layers(model)
         self.model_ = model.eval()
-        if self.resolution is not None:
-            preprocessing = preprocessing.with_resolution(self.resolution)
-        self.preprocessing_ = preprocessing
+        self.preprocessing_ = input_preprocessing(self, preprocessing)
         self.scaling_ = model.scaling
         return self
 

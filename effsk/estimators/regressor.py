@@ -7,7 +7,7 @@ import torch
 from sklearn.base import RegressorMixin
 from sklearn.metrics import r2_score
 
-from ._base import document_parameters
+from ._base import DEFAULT_CROP, document_parameters
 from ._finetune import FINETUNE_PARAMETER_DOCS, FineTuneEstimator
 
 __all__ = ["EfficientNetRegressor"]
@@ -61,6 +61,7 @@ class EfficientNetRegressor(RegressorMixin, FineTuneEstimator):
         beta=None,
         gamma=None,
         resolution=None,
+        crop=DEFAULT_CROP,
         freeze="auto",
         head_epochs=1,
         max_epochs=10,
@@ -89,6 +90,7 @@ class EfficientNetRegressor(RegressorMixin, FineTuneEstimator):
         self.beta = beta
         self.gamma = gamma
         self.resolution = resolution
+        self.crop = crop
         self.freeze = freeze
         self.head_epochs = head_epochs
         self.max_epochs = max_epochs
