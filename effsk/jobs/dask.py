@@ -130,7 +130,7 @@ def map_chunks(scheduler, featurizer, chunks: dict[int, list], *, max_in_flight:
             remote = client.compute(_featurizer_node(featurizer, token))
         limit = max_in_flight or 2 * max(1, sum(client.nthreads().values()))
         waiting = iter(chunks.items())
-        running, indices = distributed.as_completed(), {}
+        running, indices = distributed.as_completed(loop=client.loop), {}
 
         def submit_next():
             for start, items in waiting:
