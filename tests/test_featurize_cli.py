@@ -139,35 +139,28 @@ def _killed_after(monkeypatch, n_chunks: int):
     return lambda: monkeypatch.setattr(featurize_module, "featurize_chunk", real)
 
 
-def test_on_error_skip_leaves_bad_files_out_and_lists_them(setup, flawed, tmp_path, capsys):
+@pytest.mark.parametrize("mode, listed_as", [("skip", "left out"), ("nan", "NaN rows")])
+def test_skip_and_nan_keep_every_good_row_and_list_the_bad_files(setup, flawed, tmp_path, capsys, mode, listed_as):
     _, ckpt = setup
     table, paths, bad, reference = flawed
     out = tmp_path / "f.parquet"
-    assert _cli(table, out, ckpt, "--on-error", "skip") == 0
+    assert _cli(table, out, ckpt, "--on-error", mode) == 0
     df, meta = read_features(out)
-    assert list(df["path"]) == [p for i, p in enumerate(paths) if i not in bad]
-    np.testing.assert_allclose(df[meta["feature_names"]].to_numpy(), reference, rtol=1e-5, atol=1e-6)
-    assert meta["on_error"] == "skip"
-    assert [(f["index"], f["path"]) for f in meta["failures"]] == sorted(bad.items())
-    reasons = {f["index"]: f["reason"] for f in meta["failures"]}
-    assert reasons[6] == "file not found" and "image" in reasons[4]
-    err = capsys.readouterr().err
-    assert "2 of 8 images could not be read (left out)" in err
-    assert all(f"{path}: {reasons[i]}" in err for i, path in bad.items())
-
-
-def test_on_error_nan_keeps_every_row_with_nan_features_for_bad_files(setup, flawed, tmp_path, capsys):
-    _, ckpt = setup
-    table, paths, bad, reference = flawed
-    out = tmp_path / "f.parquet"
-    assert _cli(table, out, ckpt, "--on-error", "nan") == 0
-    df, meta = read_features(out)
-    assert list(df["path"]) == paths and meta["on_error"] == "nan"
     features = df[meta["feature_names"]].to_numpy()
     failed = np.isnan(features).all(axis=1)
-    assert np.flatnonzero(failed).tolist() == sorted(bad) and not np.isnan(features[~failed]).any()
+    if mode == "skip":  # bad rows are left out
+        assert list(df["path"]) == [p for i, p in enumerate(paths) if i not in bad] and not failed.any()
+    else:  # every row, NaN where the file could not be read
+        assert list(df["path"]) == paths and np.flatnonzero(failed).tolist() == sorted(bad)
+    assert not np.isnan(features[~failed]).any()
     np.testing.assert_allclose(features[~failed], reference, rtol=1e-5, atol=1e-6)
-    assert "2 of 8 images could not be read (NaN rows)" in capsys.readouterr().err
+    assert meta["on_error"] == mode and meta["failures"] == [
+        {"index": 4, "path": bad[4], "reason": "not an image (unrecognised format)"},
+        {"index": 6, "path": bad[6], "reason": "file not found"},
+    ]
+    err = capsys.readouterr().err
+    assert f"2 of 8 images could not be read ({listed_as})" in err
+    assert all(f"{f['path']}: {f['reason']}" in err for f in meta["failures"])
 
 
 def test_a_stopped_run_resumes_with_skip_without_redoing_or_losing_rows(setup, flawed, tmp_path, capsys, monkeypatch):

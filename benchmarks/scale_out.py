@@ -1,0 +1,121 @@
+"""Scale out: one process with T threads against W Dask worker processes with 1 thread each.
+
+The same N JPEG files (sklearn's digits upscaled to RGB, written once to a temporary directory) are
+featurized by
+
+* ``one process``: ``EfficientNetFeaturizer.transform(paths)`` with ``torch.set_num_threads(T)``;
+* ``dask``: ``effsk.dask.featurize`` over a Dask Series of the paths on a
+  ``LocalCluster(n_workers=W, threads_per_worker=1, processes=True)``.
+
+Each row reports the median and best img/s over ``--repeats`` passes after one warm-up pass (the
+warm-up ships the featurizer to the workers and prepares each worker's model; its time is reported
+separately as "first pass"). The largest difference between the Dask and the one-process features
+is printed with the table. Run ``python benchmarks/scale_out.py --help``; README.md in this folder holds a
+measured table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep (shared machines)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from effsk.data import digits_rgb  # noqa: E402
+from effsk.estimators import EfficientNetFeaturizer  # noqa: E402
+
+
+def write_jpegs(folder: Path, n: int, size: int) -> list[str]:
+    images, _, _ = digits_rgb(size=size)
+    paths = []
+    for i in range(n):
+        paths.append(str(folder / f"{i:05d}.jpg"))
+        Image.fromarray(images[i % len(images)]).save(paths[-1], quality=90)
+    return paths
+
+
+def timed_passes(run, repeats: int) -> tuple[float, list[float]]:
+    """Seconds of the first (warm-up) pass and of each following pass."""
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return first, seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phi", default="lite0", help="variant (default lite0: its weights ship with effsk)")
+    parser.add_argument("--weights", default="imagenet", help="'imagenet' or 'none'")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--n", type=int, default=1000, help="JPEG files")
+    parser.add_argument("--size", type=int, default=80, help="side of the written JPEGs")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the one process")
+    parser.add_argument("--workers", type=int, default=2, help="Dask worker processes (1 thread each)")
+    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    import dask.dataframe as dd
+    import pandas as pd
+    from distributed import Client, LocalCluster
+
+    import effsk.dask
+
+    # Dask warns about graphs over 10 MB; here that is the featurizer, in the graph once on purpose.
+    warnings.filterwarnings("ignore", message="Sending large graph")
+    weights = None if args.weights.lower() == "none" else args.weights
+    featurizer = EfficientNetFeaturizer(args.phi, weights=weights, resolution=args.resolution,
+                                        batch_size=args.batch_size).fit()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_jpegs(Path(tmp), args.n, args.size)
+        torch.set_num_threads(args.threads)
+        local_features = []
+        local_first, local_s = timed_passes(lambda: local_features.append(featurizer.transform(paths)), args.repeats)
+
+        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            series = dd.from_pandas(pd.Series(paths, name="path"), npartitions=args.partitions)
+            lazy = effsk.dask.featurize(series, featurizer)
+            dask_features = []
+            dask_first, dask_s = timed_passes(lambda: dask_features.append(client.compute(lazy).result()),
+                                              args.repeats)
+            worker_threads = client.run(torch.get_num_threads)
+    diff = float(np.abs(dask_features[0].to_numpy() - local_features[0]).max())
+
+    print(f"{args.n} JPEGs ({args.size}x{args.size}), {featurizer.scaling_.label} at {args.resolution} px, "
+          f"weights={args.weights}, batch {args.batch_size}, fp32, {args.repeats} timed passes after a warm-up")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+          f"torch threads per Dask worker: {sorted(set(worker_threads.values()))}; "
+          f"max |dask - one process| = {diff:.2e}")
+    rows = [(f"one process, {args.threads} threads", local_first, local_s),
+            (f"Dask, {args.workers} workers x 1 thread, {args.partitions} partitions", dask_first, dask_s)]
+    base = statistics.median(local_s)
+    print("\n| run | first pass s | img/s (median) | best img/s | x one process |")
+    print("|---|---:|---:|---:|---:|")
+    for name, first, seconds in rows:
+        median = statistics.median(seconds)
+        print(f"| {name} | {first:.1f} | {args.n / median:.0f} | {args.n / min(seconds):.0f} | {base / median:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
