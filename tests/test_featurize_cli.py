@@ -203,3 +203,12 @@ def test_a_raise_run_recomputes_a_part_holding_failures_and_raises(setup, flawed
     with pytest.raises(ImageLoadError, match=r"image 4 \(.*corrupt.png"):
         featurize_to_parquet(table, out, featurizer=_featurizer(ckpt), chunk_size=3, on_error="raise", verbose=0)
     assert calls == [paths[3:6]]  # chunk 0 (clean) reused; chunk 1's NaN row cannot serve "raise"
+
+
+def test_torchrun_and_dask_together_is_a_clear_cli_error(setup, tmp_path, monkeypatch, capsys):
+    root, ckpt = setup
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["featurize", str(root / "images"), str(tmp_path / "o.parquet"), "--weights", str(ckpt),
+                 "--dask", "tcp://127.0.0.1:1"]) == 2
+    assert "either under torchrun" in capsys.readouterr().err and not (tmp_path / "o.parquet.parts").exists()

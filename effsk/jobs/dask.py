@@ -45,7 +45,8 @@ def featurize(images, featurizer):
     Parameters
     ----------
     images : dask.dataframe.Series or one-column dask.dataframe.DataFrame
-        Image file paths (which every worker can read) or encoded image bytes.
+        Image file paths (which every worker can read) or encoded image bytes (Dask turns object
+        columns into text unless ``dask.config.set({"dataframe.convert-string": False})``).
     featurizer : EfficientNetFeaturizer
         Fitted, or fitted here once (so every partition uses the same weights). Its ``on_error``
         applies: ``"raise"`` fails the computation naming the row's index label, path and reason;
@@ -130,13 +131,13 @@ def map_chunks(scheduler, featurizer, chunks: dict[int, list], *, max_in_flight:
             remote = client.compute(_featurizer_node(featurizer, token))
         limit = max_in_flight or 2 * max(1, sum(client.nthreads().values()))
         waiting = iter(chunks.items())
-        running, indices = distributed.as_completed(loop=client.loop), {}
+        running, starts = distributed.as_completed(loop=client.loop), {}
 
         def submit_next():
             for start, items in waiting:
-                future = client.submit(_featurize_chunk_task, items, start, remote, token, pure=False,
+                future = client.submit(_featurize_chunk_task, items, start, remote, token,
                                        key=f"effsk-chunk-{start}-{uuid.uuid4().hex[:8]}")
-                indices[future] = start
+                starts[future] = start
                 running.add(future)
                 return
 
@@ -145,10 +146,10 @@ def map_chunks(scheduler, featurizer, chunks: dict[int, list], *, max_in_flight:
                 submit_next()
             for future in running:
                 result = future.result()
-                yield indices.pop(future), result
+                yield starts.pop(future), result
                 submit_next()
         finally:
-            client.cancel([*indices, remote])
+            client.cancel([*starts, remote])
 
 
 def _featurize_chunk_task(items, start: int, featurizer, token: str):
