@@ -5,7 +5,9 @@ featurized by
 
 * ``one process``: ``EfficientNetFeaturizer.transform(paths)`` with ``torch.set_num_threads(T)``;
 * ``dask``: ``effsk.dask.featurize`` over a Dask Series of the paths on a
-  ``LocalCluster(n_workers=W, threads_per_worker=1, processes=True)``.
+  ``LocalCluster(n_workers=W, threads_per_worker=1, processes=True)``, once with Dask's worker
+  defaults and once under ``effsk.dask.WORKER_CONFIG`` (Dask's default ``MALLOC_TRIM_THRESHOLD_``
+  slows torch's CPU inference; see ``effsk/jobs/dask.py``).
 
 Each row reports the median and best img/s over ``--repeats`` passes after one warm-up pass (the
 warm-up ships the featurizer to the workers and prepares each worker's model; its time is reported
@@ -60,6 +62,32 @@ def timed_passes(run, repeats: int) -> tuple[float, list[float]]:
     return first, seconds
 
 
+def dask_passes(paths, featurizer, args, config: dict):
+    """Time ``effsk.dask.featurize`` on a fresh LocalCluster started under ``config``."""
+    import dask
+    import dask.dataframe as dd
+    import pandas as pd
+    from distributed import Client, LocalCluster
+
+    import effsk.dask
+
+    environ = dict(os.environ)  # nannies write their workers' variables into this process's environment
+    with dask.config.set(config), LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                                               dashboard_address=None) as cluster, Client(cluster) as client:
+        features = []
+
+        def one_pass():
+            # A new collection per pass: the same one could be answered from results still in memory.
+            series = dd.from_pandas(pd.Series(paths, name=f"path{len(features)}"), npartitions=args.partitions)
+            features.append(client.compute(effsk.dask.featurize(series, featurizer)).result())
+
+        first, seconds = timed_passes(one_pass, args.repeats)
+        threads = sorted(set(client.run(torch.get_num_threads).values()))
+    os.environ.clear()
+    os.environ.update(environ)
+    return first, seconds, features[0].to_numpy(), threads
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phi", default="lite0", help="variant (default lite0: its weights ship with effsk)")
@@ -70,45 +98,36 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the one process")
     parser.add_argument("--workers", type=int, default=2, help="Dask worker processes (1 thread each)")
-    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--partitions", type=int, default=4, help="Dask partitions (each costs Dask ~0.1 s of bookkeeping)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    import dask.dataframe as dd
-    import pandas as pd
-    from distributed import Client, LocalCluster
-
-    import effsk.dask
+    from effsk.dask import WORKER_CONFIG
 
     # Dask warns about graphs over 10 MB; here that is the featurizer, in the graph once on purpose.
     warnings.filterwarnings("ignore", message="Sending large graph")
     weights = None if args.weights.lower() == "none" else args.weights
     featurizer = EfficientNetFeaturizer(args.phi, weights=weights, resolution=args.resolution,
                                         batch_size=args.batch_size).fit()
+    workers = f"Dask, {args.workers} workers x 1 thread, {args.partitions} partitions"
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_jpegs(Path(tmp), args.n, args.size)
         torch.set_num_threads(args.threads)
-        local_features = []
-        local_first, local_s = timed_passes(lambda: local_features.append(featurizer.transform(paths)), args.repeats)
-
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-                Client(cluster) as client:
-            series = dd.from_pandas(pd.Series(paths, name="path"), npartitions=args.partitions)
-            lazy = effsk.dask.featurize(series, featurizer)
-            dask_features = []
-            dask_first, dask_s = timed_passes(lambda: dask_features.append(client.compute(lazy).result()),
-                                              args.repeats)
-            worker_threads = client.run(torch.get_num_threads)
-    diff = float(np.abs(dask_features[0].to_numpy() - local_features[0]).max())
+        local = []
+        rows = [(f"one process, {args.threads} threads",
+                 *timed_passes(lambda: local.append(featurizer.transform(paths)), args.repeats))]
+        threads = set()
+        for name, config in [("Dask's worker defaults", {}), ("effsk.dask.WORKER_CONFIG", WORKER_CONFIG)]:
+            first, seconds, features, used = dask_passes(paths, featurizer, args, config)
+            rows.append((f"{workers}, {name}", first, seconds))
+            threads.update(used)
+            diff = float(np.abs(features - local[0]).max())
 
     print(f"{args.n} JPEGs ({args.size}x{args.size}), {featurizer.scaling_.label} at {args.resolution} px, "
           f"weights={args.weights}, batch {args.batch_size}, fp32, {args.repeats} timed passes after a warm-up")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"torch threads per Dask worker: {sorted(set(worker_threads.values()))}; "
-          f"max |dask - one process| = {diff:.2e}")
-    rows = [(f"one process, {args.threads} threads", local_first, local_s),
-            (f"Dask, {args.workers} workers x 1 thread, {args.partitions} partitions", dask_first, dask_s)]
-    base = statistics.median(local_s)
+          f"torch threads per Dask worker: {sorted(threads)}; max |dask - one process| = {diff:.2e}")
+    base = statistics.median(rows[0][2])
     print("\n| run | first pass s | img/s (median) | best img/s | x one process |")
     print("|---|---:|---:|---:|---:|")
     for name, first, seconds in rows:

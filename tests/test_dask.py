@@ -22,7 +22,7 @@ distributed = pytest.importorskip("distributed")
 import cloudpickle  # noqa: E402  (a dask dependency)
 
 from effsk.cli import main  # noqa: E402
-from effsk.dask import featurize  # noqa: E402
+from effsk.dask import WORKER_CONFIG, featurize  # noqa: E402
 from effsk.data.images import ImageLoadError  # noqa: E402
 from effsk.estimators import EfficientNetFeaturizer  # noqa: E402
 from effsk.jobs import featurize as featurize_module  # noqa: E402
@@ -39,20 +39,21 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sending large graph")
 def client():
     # Workers fork from a server that has imported torch and effsk once: the 2 workers, and the one
     # restarted after a kill, start in a fraction of a second instead of importing torch each.
-    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-        context = distributed.utils.get_mp_context()
-        context.set_forkserver_preload(["distributed", "pandas", "torch", "effsk.estimators", "effsk.jobs.dask"])
-        environ = dict(os.environ)
-        os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # inherited by the server's children
-        try:
+    config = {"distributed.worker.multiprocessing-method": "forkserver", **WORKER_CONFIG}
+    environ = dict(os.environ)  # nannies write their workers' variables into this process's environment
+    try:
+        with dask.config.set(config):
+            context = distributed.utils.get_mp_context()
+            context.set_forkserver_preload(["distributed", "pandas", "torch", "effsk.estimators", "effsk.jobs.dask"])
             cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                                dashboard_address=None, worker_dashboard_address=None)
-        finally:
-            os.environ.clear()
-            os.environ.update(environ)
-        # Not the default client: every call names it, and effsk's own clients must not need one.
-        with cluster, distributed.Client(cluster, set_as_default=False) as client:
-            yield client
+            # Not the default client: every call names it, and effsk's own clients must not need one.
+            with cluster, distributed.Client(cluster, set_as_default=False) as client:
+                assert set(client.run(os.environ.get, "MALLOC_MMAP_THRESHOLD_").values()) == {str(2**25)}
+                yield client
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +123,13 @@ def test_on_error_works_as_in_the_featurizer(client, images, featurizer, tmp_pat
 
 
 def test_a_worker_killed_mid_run_loses_nothing(client, images, featurizer, expected):
-    paths = _series(images, npartitions=10)
+    paths = _series(images, npartitions=20)  # one image per task: many short tasks to catch mid-way
     persisted = client.persist(featurize(paths, featurizer))
     futures = distributed.futures_of(persisted)
     pids = client.run(os.getpid)
     deadline = time.monotonic() + 60
     while not any(f.done() for f in futures) and time.monotonic() < deadline:
-        time.sleep(0.005)
+        time.sleep(0.002)
     finished = [f for f in futures if f.done()]
     assert finished and len(finished) < len(futures), "the run must be caught mid-way"
     victim = client.who_has(finished[0])[finished[0].key][0]

@@ -21,7 +21,17 @@ import pandas as pd
 
 from .chunks import featurize_chunk, featurizer_token, fitted, numbered, process_featurizer
 
-__all__ = ["featurize", "map_chunks"]
+__all__ = ["WORKER_CONFIG", "featurize", "map_chunks"]
+
+# Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536. Setting it fixes glibc's mmap
+# threshold and hands freed memory straight back to the system, so torch's CPU inference page-faults
+# its activations on every batch: 2-3x slower (benchmarks/README.md, "Scale out"). With these, freed
+# memory up to 128 MiB is kept for reuse. ``with dask.config.set(WORKER_CONFIG): LocalCluster(...)``;
+# for ``dask worker`` put the two variables under distributed.nanny.pre-spawn-environ in a YAML config.
+WORKER_CONFIG = {
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 2**27,
+    "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 2**25,
+}
 
 _INSTALL = 'Dask is not installed; install the extra: pip install "effsk[dask]"'
 
