@@ -12,7 +12,8 @@ featurized by
 Each row reports the median and best img/s over ``--repeats`` passes after one warm-up pass (the
 warm-up ships the featurizer to the workers and prepares each worker's model; its time is reported
 separately as "first pass"). The largest difference between the Dask and the one-process features
-is printed with the table. Run ``python benchmarks/scale_out.py --help``; README.md in this folder holds a
+is printed with the table. ``--malloc-check`` instead times the bare network in fresh processes under
+glibc's, Dask's and effsk's malloc settings. Run ``python benchmarks/scale_out.py --help``; README.md in this folder holds a
 measured table.
 """
 
@@ -62,6 +63,43 @@ def timed_passes(run, repeats: int) -> tuple[float, list[float]]:
     return first, seconds
 
 
+_FORWARD = """
+import time, torch
+from effsk.nn import efficientnet
+torch.set_num_threads(1)
+model, x = efficientnet("{phi}").eval(), torch.randn({batch}, 3, {resolution}, {resolution})
+with torch.inference_mode():
+    model(x)
+    start = time.perf_counter()
+    for _ in range({repeats}):
+        model(x)
+print((time.perf_counter() - start) / {repeats})
+"""
+
+
+def malloc_check(args) -> None:
+    """One-thread forward time of the network in fresh processes under each malloc setting."""
+    import subprocess
+
+    from effsk.dask import WORKER_CONFIG
+
+    tuned = {key.rpartition(".")[2]: str(value) for key, value in WORKER_CONFIG.items()}
+    code = _FORWARD.format(phi=args.phi, batch=args.batch_size, resolution=args.resolution, repeats=5)
+    root = str(Path(__file__).resolve().parents[1])
+    print(f"{args.phi} forward pass, batch {args.batch_size} at {args.resolution} px, 1 thread, fresh process each")
+    print("\n| malloc environment | seconds per batch | x glibc defaults |\n|---|---:|---:|")
+    base = None
+    for name, extra in [("glibc defaults", {}), ("MALLOC_TRIM_THRESHOLD_=65536 (Dask's worker default)",
+                                                   {"MALLOC_TRIM_THRESHOLD_": "65536"}),
+                        ("effsk.dask.WORKER_CONFIG", tuned)]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        env.update(extra, PYTHONPATH=root, OMP_NUM_THREADS="1")
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        seconds = float(run.stdout.split()[-1])
+        base = base or seconds
+        print(f"| {name} | {seconds:.3f} | {seconds / base:.2f} |")
+
+
 def dask_passes(paths, featurizer, args, config: dict):
     """Time ``effsk.dask.featurize`` on a fresh LocalCluster started under ``config``."""
     import dask
@@ -99,8 +137,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the one process")
     parser.add_argument("--workers", type=int, default=2, help="Dask worker processes (1 thread each)")
     parser.add_argument("--partitions", type=int, default=4, help="Dask partitions (each costs Dask ~0.1 s of bookkeeping)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--malloc-check", action="store_true",
+                        help="only time the network's forward pass under glibc's, Dask's and effsk's malloc settings")
     args = parser.parse_args(argv)
+    if args.malloc_check:
+        malloc_check(args)
+        return 0
 
     from effsk.dask import WORKER_CONFIG
 
