@@ -25,7 +25,7 @@ __all__ = ["WORKER_CONFIG", "featurize", "map_chunks"]
 
 # Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536. Setting it fixes glibc's mmap
 # threshold and hands freed memory straight back to the system, so torch's CPU inference page-faults
-# its activations on every batch: 2-3x slower (benchmarks/README.md, "Scale out"). With these, freed
+# its activations on every batch: about 3x slower (benchmarks/README.md, "Scale out"). With these, freed
 # memory up to 128 MiB is kept for reuse. ``with dask.config.set(WORKER_CONFIG): LocalCluster(...)``;
 # for ``dask worker`` put the two variables under distributed.nanny.pre-spawn-environ in a YAML config.
 WORKER_CONFIG = {
