@@ -22,11 +22,15 @@ class EfficientNetRegressor(RegressorMixin, FineTuneEstimator):
     Parameters
     ----------
     phi, weights, scaling, alpha, beta, gamma, resolution, freeze, head_epochs, max_epochs, lr, \
-batch_size, optimizer, weight_decay, augment, drop_rate, drop_path_rate, validation_fraction, \
+batch_size, optimizer, weight_decay, drop_rate, drop_path_rate, validation_fraction, \
 early_stopping, patience, device, precision, num_workers, random_state, verbose, warm_start
         As for :class:`~effsk.estimators.EfficientNetClassifier` (the validation split is not
         stratified, and the validation score is R^2). The regression head starts at zero, so the
         first predictions are the training mean.
+    augment : {"none", "light", "randaugment", "autoaugment"}, default="none"
+        Training-time augmentation (see :mod:`effsk.data.transforms`). Off by default: the presets'
+        random crops and flips change any target that depends on position, size or orientation (a
+        length, a count, a coordinate); choose one when the target is invariant to them.
 
     Attributes
     ----------
@@ -66,7 +70,7 @@ early_stopping, patience, device, precision, num_workers, random_state, verbose,
         batch_size=32,
         optimizer="adamw",
         weight_decay=0.01,
-        augment="light",
+        augment="none",
         drop_rate=None,
         drop_path_rate=None,
         validation_fraction=0.1,
