@@ -7,8 +7,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# The CI machine has 2 cores: one intra-op thread pool, no oversubscription.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The CI machine has 2 cores: one intra-op thread pool, no oversubscription. An explicit
+# OMP_NUM_THREADS wins (torch reads it), so the training tests can be rerun on one thread.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)

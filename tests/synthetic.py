@@ -16,11 +16,12 @@ def tinted_images(n, n_classes=3, size=32, seed=0):
     return np.clip(X, 0, 255).astype(np.uint8), y
 
 
-def channel_mix_images(n, size=32, seed=0):
-    """Images with per-channel intensity levels; returns X and the levels in [0, 1], shape (n, 3)."""
+def channel_mix_images(n, size=32, seed=0, noise=40):
+    """Images with per-channel intensity levels plus pixel noise in [0, noise); returns X and the
+    levels in [0, 1], shape (n, 3). ``noise=0``: flat colours, the easiest regression there is."""
     rng = np.random.default_rng(seed)
     levels = rng.uniform(0, 1, size=(n, 3))
-    X = rng.integers(0, 40, size=(n, size, size, 3)) + (levels[:, None, None, :] * 200).astype(int)
+    X = rng.integers(0, max(noise, 1), size=(n, size, size, 3)) + (levels[:, None, None, :] * 200).astype(int)
     return np.clip(X, 0, 255).astype(np.uint8), levels
 
 

@@ -56,7 +56,8 @@ def small_fit(small_data):
 
 def test_learns_well_above_chance_with_string_labels(fitted, data):
     _, _, Xt, yt = data
-    assert fitted.score(Xt, yt) >= 0.8  # chance is 1/3
+    chance = np.unique(yt, return_counts=True)[1].max() / len(yt)  # always predicting the commonest class
+    assert fitted.score(Xt, yt) > chance + 0.45  # 0.78; measured 0.91-1.0 (3 seeds x 3 kernels x 1-2 threads)
     assert set(fitted.classes_) == set(NAMES) and fitted.predict(Xt[:5]).dtype == fitted.classes_.dtype
     proba = fitted.predict_proba(Xt)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-12)
@@ -116,7 +117,7 @@ def test_pretrained_weights_train_the_head_first_then_everything(small_data, mon
     monkeypatch.setattr(effsk.weights, "build_model", lambda phi, weights, **kw: real_build(phi, None, **kw))
     phases = []
 
-    class Spy(_finetune.Trainer):
+    class Spy(_finetune._PreciseBNTrainer):
         def fit(self):
             before = {k: v.clone() for k, v in self.module.state_dict().items()}
             history = super().fit()
@@ -124,7 +125,7 @@ def test_pretrained_weights_train_the_head_first_then_everything(small_data, mon
             phases.append((self.config.freeze, self.config.max_epochs, changed))
             return history
 
-    monkeypatch.setattr(_finetune, "Trainer", Spy)
+    monkeypatch.setattr(_finetune, "_PreciseBNTrainer", Spy)
     clf = EfficientNetClassifier(**{**SMALL, "weights": "imagenet", "max_epochs": 2, "head_epochs": 1}).fit(X, y)
     assert [r["phase"] for r in clf.history_] == ["head", "train"]
     (head_mode, head_epochs, head_changed), (main_mode, main_epochs, main_changed) = phases
@@ -166,15 +167,17 @@ def test_sample_weight_two_counts_an_item_twice_in_the_loss():
 
 def test_multilabel_indicator_targets():
     rng = np.random.default_rng(0)
-    Y = rng.integers(0, 2, size=(96, 3))
-    X = np.clip(rng.integers(0, 90, size=(96, 32, 32, 3)) + 110 * Y[:, None, None, :], 0, 255).astype(np.uint8)
-    clf = EfficientNetClassifier(**{**SMALL, "max_epochs": 3, "batch_size": 16, "lr": 3e-3}).fit(X[:64], Y[:64])
+    Y = rng.integers(0, 2, size=(128, 3))  # label k: colour channel k is tinted
+    X = (rng.integers(0, 40, size=(128, 32, 32, 3)) + 150 * Y[:, None, None, :]).astype(np.uint8)
+    clf = EfficientNetClassifier(**{**SMALL, "max_epochs": 5, "batch_size": 16, "lr": 3e-3}).fit(X[:96], Y[:96])
     assert clf.multilabel_ and list(clf.classes_) == [0, 1, 2]
-    proba = clf.predict_proba(X[64:])
+    proba = clf.predict_proba(X[96:])
     assert proba.shape == (32, 3) and ((proba >= 0) & (proba <= 1)).all()
-    pred = clf.predict(X[64:])
+    pred = clf.predict(X[96:])
     np.testing.assert_array_equal(pred, (proba > 0.5).astype(int))
-    assert (pred == Y[64:]).mean() > 0.75  # per-label chance is 0.5
+    majority = (Y[:96].mean(axis=0) > 0.5).astype(int)  # each label's commonest training value
+    baseline = (majority == Y[96:]).mean()
+    assert (pred == Y[96:]).mean() > max(baseline, 0.5) + 0.25  # 0.82; measured 0.94-1.0 against a baseline of 0.57
     with pytest.raises(ValueError, match="class_weight"):
         clone(clf).set_params(class_weight="balanced").fit(X[:8], Y[:8])
 

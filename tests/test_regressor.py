@@ -16,8 +16,8 @@ SMALL = dict(weights=None, resolution=32, max_epochs=1, batch_size=8, early_stop
 
 @pytest.fixture(scope="module")
 def data():
-    X, levels = channel_mix_images(128, seed=0)
-    Xt, levels_t = channel_mix_images(40, seed=1)
+    X, levels = channel_mix_images(128, seed=0, noise=0)  # flat colours: a from-scratch b0 learns them in 64 steps
+    Xt, levels_t = channel_mix_images(40, seed=1, noise=0)
     scales = np.array([1.0, 1000.0, 0.01])
     offsets = np.array([0.0, -5000.0, 3.0])
     return X, levels * scales + offsets, Xt, levels_t * scales + offsets
@@ -26,7 +26,7 @@ def data():
 def test_several_targets_on_different_scales_are_learned(data):
     X, Y, Xt, Yt = data
     reg = EfficientNetRegressor(
-        weights=None, resolution=32, max_epochs=5, batch_size=16, lr=3e-3, drop_rate=0.0, drop_path_rate=0.0,
+        weights=None, resolution=32, max_epochs=8, batch_size=16, lr=3e-3, drop_rate=0.0, drop_path_rate=0.0,
         early_stopping=False, random_state=0,
     ).fit(X, Y)
     np.testing.assert_allclose(reg.target_mean_, Y.mean(axis=0))
@@ -34,9 +34,10 @@ def test_several_targets_on_different_scales_are_learned(data):
     pred = reg.predict(Xt)
     assert pred.shape == (40, 3)
     per_target = r2_score(Yt, pred, multioutput="raw_values")
-    assert (per_target > 0.3).all(), per_target  # predicting the mean scores 0
+    training_mean = r2_score(Yt, np.tile(Y.mean(axis=0), (len(Yt), 1)), multioutput="raw_values")  # about 0
+    assert (per_target > training_mean + 0.5).all(), per_target  # measured 0.74-0.94 (3 seeds x 3 kernels x 1-2 threads)
     assert reg.score(Xt, Yt) == pytest.approx(r2_score(Yt, pred))
-    assert [r["train_loss"] for r in reg.history_][-1] < 0.5  # standardised MSE; the mean scores 1
+    assert reg.history_[-1]["train_loss"] < 0.5  # standardised MSE: predicting the mean scores 1; measured 0.13-0.23
 
 
 def test_single_target_shape_persistence_and_warm_start(data):

@@ -13,7 +13,16 @@ from ._finetune import FINETUNE_PARAMETER_DOCS, FineTuneEstimator
 __all__ = ["EfficientNetRegressor"]
 
 
-@document_parameters(FINETUNE_PARAMETER_DOCS)
+_REGRESSION_DOCS = {
+    "augment": """\
+augment : {"none", "light", "randaugment", "autoaugment"}, default="none"
+    Training-time augmentation (see :mod:`effsk.data.transforms`). Off by default: the presets'
+    random crops and flips change any target that depends on position, size or orientation (a
+    length, a count, a coordinate); choose one when the target is invariant to them.""",
+}
+
+
+@document_parameters(FINETUNE_PARAMETER_DOCS, _REGRESSION_DOCS)
 class EfficientNetRegressor(RegressorMixin, FineTuneEstimator):
     """Fine-tune an EfficientNet to regress one or several continuous targets from images.
 
@@ -69,7 +78,7 @@ class EfficientNetRegressor(RegressorMixin, FineTuneEstimator):
         batch_size=32,
         optimizer="adamw",
         weight_decay=0.01,
-        augment="light",
+        augment="none",
         drop_rate=None,
         drop_path_rate=None,
         validation_fraction=0.1,
