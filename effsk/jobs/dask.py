@@ -145,7 +145,7 @@ def map_chunks(scheduler, featurizer, chunks: dict[int, list], *, max_in_flight:
 
         def submit_next():
             for start, items in waiting:
-                future = client.submit(_featurize_chunk_task, items, start, remote, token,
+                future = client.submit(_featurize_chunk_task, _absolute(items), start, remote, token,
                                        key=f"effsk-chunk-{start}-{uuid.uuid4().hex[:8]}")
                 starts[future] = start
                 running.add(future)
@@ -160,6 +160,11 @@ def map_chunks(scheduler, featurizer, chunks: dict[int, list], *, max_in_flight:
                 submit_next()
         finally:
             client.cancel([*starts, remote])
+
+
+def _absolute(items: list) -> list:
+    """Relative paths as absolute ones: workers resolve paths in their own working directory, not ours."""
+    return [os.path.abspath(item) if isinstance(item, (str, os.PathLike)) else item for item in items]
 
 
 def _featurize_chunk_task(items, start: int, featurizer, token: str):
