@@ -12,16 +12,18 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ..data.transforms import AUGMENT_PRESETS, train_transform
+from ..data.gpu_decode import resolve_num_workers
 from ..data.images import ImageLoadError, make_loader, num_images
-from ..data.transforms import eval_transform
-from ..training.optim import OPTIMIZERS
+from ..data.transforms import AUGMENT_PRESETS, train_transform
 from ..training import FREEZE_MODES, PRECISE_BN_BATCHES, TrainConfig, Trainer, holdout_split
-from ..utils.runtime import forked_rng, resolve_device
+from ..training.model_ops import BackboneFeatures
+from ..training.optim import OPTIMIZERS
+from ..utils.runtime import forked_rng, prefers_channels_last, resolve_device, resolve_precision
 from ._base import (
     MODEL_PARAMETER_CONSTRAINTS,
     RUNTIME_PARAMETER_CONSTRAINTS,
@@ -273,34 +275,7 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
         return [p for p in phases if p[2] > 0]
 
     def _train(self, X, train_idx, val_idx, loss, metric, seed, device, warm) -> None:
-        batch_size = min(self.batch_size, len(train_idx))
-        pin = device.type == "cuda"
-        generator = torch.Generator().manual_seed(seed)
-        train_loader = make_loader(
-            _safe_indexing(X, train_idx),
-            self.preprocessing_,
-            transform=train_transform(self.preprocessing_, self.augment),
-            targets=train_idx,
-            batch_size=batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            pin_memory=pin,
-            generator=generator,
-            drop_last=len(train_idx) % batch_size == 1,  # BatchNorm cannot train on a batch of one
-        )
-        train_loader = _Renumbered(train_loader, train_idx)
-        val_loader = None
-        if val_idx is not None:
-            val_loader = make_loader(
-                _safe_indexing(X, val_idx),
-                self.preprocessing_,
-                transform=eval_transform(self.preprocessing_),
-                targets=val_idx,
-                batch_size=batch_size,
-                num_workers=self.num_workers,
-                pin_memory=pin,
-            )
-            val_loader = _Renumbered(val_loader, val_idx)
+        data = _FitData(self, X, train_idx, val_idx, seed, device)
         schedule = self._freeze_schedule(warm)
         total_epochs = len(self.history_) + sum(epochs for _, _, epochs in schedule)
         for phase, freeze, epochs in schedule:
@@ -323,7 +298,7 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
                 total_epochs=total_epochs,
                 phase=phase,
             )
-            trainer = Trainer(self.model_, train_loader, val_loader, config, loss_fn=loss, metric_fn=metric)
+            trainer = data.trainer(self.model_, config, loss, metric)
             offset = len(self.history_)
             history = trainer.fit()
             for record in history:
@@ -331,6 +306,127 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
             # the epoch whose weights the model now holds
             self.best_epoch_ = offset + (trainer.best_epoch if config.early_stopping else len(history) - 1)
         self.model_.eval()
+
+
+# Pooled backbone features of the training images are kept in memory (rather than recomputed every
+# epoch) up to this size.
+_FEATURE_CACHE_BYTES = 1 << 30
+
+
+class _FitData:
+    """The batches one fit trains on: images for the phases that train the backbone; for a phase that
+    trains the head alone (``freeze="backbone"``), the backbone's pooled features, computed without
+    autograd, and only once when the images do not change from epoch to epoch (no augmentation)."""
+
+    def __init__(self, estimator, X, train_idx, val_idx, seed: int, device: torch.device):
+        self.estimator, self.X, self.train_idx, self.val_idx, self.device = estimator, X, train_idx, val_idx, device
+        self.batch_size = min(estimator.batch_size, len(train_idx))
+        self.drop_last = len(train_idx) % self.batch_size == 1  # BatchNorm cannot train on a batch of one
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_workers = resolve_num_workers(estimator.num_workers, device)
+        self._fixed_features = None
+
+    def trainer(self, model, config: TrainConfig, loss, metric) -> Trainer:
+        """The Trainer of one phase: on backbone features when only the head trains."""
+        head_only = config.freeze == "backbone" and hasattr(model, "forward_features") and hasattr(model, "forward_head")
+        if head_only:
+            train_loader, val_loader = self._feature_loaders(model, config)
+        else:
+            self._fixed_features = None  # the backbone trains: its features change
+            train_loader = self._image_loader(self.train_idx, self.estimator.augment, shuffle=True)
+            val_loader = None if self.val_idx is None else self._image_loader(self.val_idx, "none")
+        return Trainer(model, train_loader, val_loader, config, loss_fn=loss, metric_fn=metric, head_only=head_only)
+
+    def _image_loader(self, idx: np.ndarray, augment: str, shuffle: bool = False):
+        preprocessing = self.estimator.preprocessing_
+        loader = make_loader(
+            _safe_indexing(self.X, idx),
+            preprocessing,
+            transform=train_transform(preprocessing, augment),
+            targets=idx,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=self.generator if shuffle else None,
+            drop_last=self.drop_last and shuffle,
+        )
+        return _Renumbered(loader, idx)
+
+    def _feature_loaders(self, model, config: TrainConfig):
+        channels_last = prefers_channels_last(self.device) if config.channels_last is None else config.channels_last
+        model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        amp_dtype = resolve_precision(config.precision, self.device)
+        features = BackboneFeatures(model, device=self.device, amp_dtype=amp_dtype, channels_last=channels_last)
+        if self._fixed_features is None:
+            self._fixed_features = self._features_once(features, getattr(model, "num_features", None))
+        train, val = self._fixed_features
+        if train is None:  # augmented, or too many to keep: computed batch by batch, every epoch
+            train_loader = _FeatureBatches(self._image_loader(self.train_idx, self.estimator.augment, shuffle=True), features)
+        else:
+            train_loader = self._rows_loader(*train, shuffle=True)
+        return train_loader, None if val is None else self._rows_loader(*val)
+
+    def _features_once(self, features: BackboneFeatures, num_features: int | None):
+        """``(train, val)`` ``(features, targets)`` pairs that stay the same from epoch to epoch: the
+        validation images', and the training images' when not augmented and within the cache size."""
+        val = None if self.val_idx is None else features.of_loader(self._image_loader(self.val_idx, "none"))
+        train = None
+        fits = num_features is not None and len(self.train_idx) * num_features * 4 <= _FEATURE_CACHE_BYTES
+        if self.estimator.augment == "none" and fits:
+            train = features.of_loader(self._image_loader(self.train_idx, "none"))
+        return train, val
+
+    def _rows_loader(self, features: torch.Tensor, targets: torch.Tensor, shuffle: bool = False):
+        """Batches of feature rows drawn as the image loaders draw images (same sampler and generator)."""
+        return DataLoader(
+            _Rows(features, targets),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=self.generator if shuffle else None,
+            drop_last=self.drop_last and shuffle,
+            collate_fn=_as_batch,
+        )
+
+
+class _Rows(Dataset):
+    """Rows of tensors, fetched a batch at a time."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, i):
+        return tuple(t[i] for t in self.tensors)
+
+    def __getitems__(self, rows):
+        index = torch.as_tensor(rows)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _as_batch(batch):
+    return batch
+
+
+class _FeatureBatches:
+    """A loader of ``(images, targets)`` seen as ``(backbone features, targets)``."""
+
+    def __init__(self, loader, features: BackboneFeatures):
+        self.loader, self.features = loader, features
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):  # sampler, generator, batch_size: the trainer seeds through them
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for inputs, targets in self.loader:
+            yield self.features(inputs), targets
 
 
 class _IndexedMetric:

@@ -12,9 +12,9 @@ __all__ = ["TrainConfig", "FREEZE_MODES", "MONITORS", "PRECISE_BN_BATCHES", "che
 
 FREEZE_MODES = ("none", "backbone", "bn")
 MONITORS = ("val_loss", "val_score")
-# Training batches that recompute BatchNorm statistics before each validation in short runs
-# (fine-tuning, the coefficient search): there the running averages lag the fast-moving weights and
-# spoil eval-mode predictions (see TrainConfig.precise_bn_batches).
+# Training batches at the end of each epoch whose BatchNorm statistics are averaged for validation in
+# short runs (fine-tuning, the coefficient search): there the running averages lag the fast-moving
+# weights and spoil eval-mode predictions (see TrainConfig.precise_bn_batches).
 PRECISE_BN_BATCHES = 64
 
 
@@ -47,10 +47,13 @@ class TrainConfig:
         recipe): ``min(ema_decay, (1 + n) / (10 + n))`` at the n-th update, so that a decay such as
         0.9999 does not pin the average to the initial weights for the first ~10k steps.
     precise_bn_batches : int
-        Before each validation (and at the end when there is none), recompute the BatchNorm
-        statistics that train from this many training batches with the current weights ("precise
-        BN", Wu & Johnson 2021). Running averages lag behind fast-moving weights, which on short runs
-        makes eval-mode predictions useless; 0 turns this off.
+        "Precise BN" (Wu & Johnson 2021): the BatchNorm statistics that train become the exact
+        average over the last this-many training batches of each epoch, gathered by those batches'
+        own forward passes, so validation and the final model see them at no extra cost. Running
+        averages lag behind fast-moving weights, which on short runs makes eval-mode predictions
+        useless; 0 turns this off. With ``ema_decay`` (whose average would take in the restarted
+        statistics) they are instead recomputed before each validation (and at the end when there is
+        none) from this many training batches with the EMA weights.
     freeze : {"none", "backbone", "bn"} or int
         See :func:`apply_freeze`.
     early_stopping, patience, monitor, min_delta
@@ -59,7 +62,8 @@ class TrainConfig:
     device, precision : str
         As :func:`effsk.utils.runtime.resolve_device` / :func:`~effsk.utils.runtime.resolve_precision`.
     channels_last : bool or None
-        ``None``: channels_last memory format on CUDA only.
+        ``None``: the channels_last memory format where it trains faster
+        (:func:`effsk.utils.runtime.prefers_channels_last`: CUDA and AVX-512 CPUs).
     seed : int or None
         Reseeds the train loader's generator every epoch (``seed + epoch``) so shuffling, and worker
         augmentation seeds, depend only on the epoch: a resumed run sees the same batches.
