@@ -359,7 +359,8 @@ class _FitData:
         amp_dtype = resolve_precision(config.precision, self.device)
         features = BackboneFeatures(model, device=self.device, amp_dtype=amp_dtype, channels_last=channels_last)
         if self._fixed_features is None:
-            self._fixed_features = self._features_once(features, getattr(model, "num_features", None))
+            with forked_rng(self.device):  # loaders draw their seeds: leave dropout's draws as they would be
+                self._fixed_features = self._features_once(features, getattr(model, "num_features", None))
         train, val = self._fixed_features
         if train is None:  # augmented, or too many to keep: computed batch by batch, every epoch
             train_loader = _FeatureBatches(self._image_loader(self.train_idx, self.estimator.augment, shuffle=True), features)

@@ -45,11 +45,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from ..utils.runtime import autocast, explain_oom, prefers_channels_last, resolve_device, resolve_precision
-from .config import FREEZE_MODES, TrainConfig
+from .config import AVERAGED_BN_VALUES, FREEZE_MODES, PRECISE_BN_VALUES, TrainConfig
 from .model_ops import (
     BatchNormAverage,
     PooledHead,
     apply_freeze,
+    deepest_positions,
     ema_warmup_avg_fn,
     evaluate,
     recalibrate_bn,
@@ -188,11 +189,12 @@ class Trainer:
             decay = self.config.ema_decay
             average = ema_warmup_avg_fn(decay) if self.config.ema_warmup else get_ema_multi_avg_fn(decay)
             self.ema = AveragedModel(self.module, multi_avg_fn=average, use_buffers=True)
-        # Precise BN for free: the statistics average the epoch's last training batches as they pass.
-        # Not under an EMA, which would average the restarted statistics into its own.
+        # Precise BN for free where the training batches allow it (see _averages_bn). Not under an EMA,
+        # which would average the restarted statistics into its own.
         self._bn_average = None
         if self.config.precise_bn_batches > 0 and self.ema is None:
             self._bn_average = BatchNormAverage(trained_batchnorms(self.module, self._held_names))
+        self._bn_min_images: int | None = None  # images per precise-BN pass, once the first batch is seen
         forward = PooledHead(self.module) if self.head_only else self.module
         self.model = wrap_model(forward) if wrap_model is not None else forward
 
@@ -276,14 +278,12 @@ class Trainer:
             leave=False,
             disable=not (self.config.verbose and self.main_process),
         )
-        images = 0
-        average_from = self._bn_average_start()
+        images, averaging = 0, False
         for batch in batches:
             if self.step_in_epoch >= self.steps_per_epoch:
                 break
-            if self.step_in_epoch == average_from:
-                self._bn_average.start(restart=True)
             inputs = to_device(batch[0], self.device, self.channels_last)
+            averaging = averaging or self._start_bn_average(inputs)
             targets = to_device(batch[1], self.device)
             loss = self._train_step(inputs, targets)
             n = inputs.shape[0]
@@ -297,7 +297,7 @@ class Trainer:
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
-        if self._bn_average is not None:
+        if averaging:
             self._bn_average.stop()
         train_loss = self._reduced_epoch_loss()  # reads the loss back: the device has finished the epoch
         seconds = time.perf_counter() - start
@@ -321,17 +321,26 @@ class Trainer:
             record["seconds"] = time.perf_counter() - start
         return record
 
-    def _bn_average_start(self) -> int | None:
-        """The step of this epoch from which BatchNorm statistics average the training batches, the
-        last ``precise_bn_batches`` of the epoch (``None``: no averaging, or it is already under way
-        in a resumed epoch, which continues it)."""
-        if self._bn_average is None:
-            return None
+    @property
+    def _averages_bn(self) -> bool:
+        """Whether precise BN averages the training batches as they pass (rather than recomputing)."""
+        return self._bn_average is not None and self._bn_min_images == 0
+
+    def _start_bn_average(self, inputs) -> bool:
+        """Start averaging BatchNorm statistics if this step begins the epoch's last
+        ``precise_bn_batches`` (a resumed epoch continues the average it had begun); the first batch
+        decides whether training batches are large enough to be averaged (see config.AVERAGED_BN_VALUES)."""
+        if self._bn_min_images is None and isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+            positions = deepest_positions(self.module, *inputs.shape[-2:])
+            averaged = inputs.shape[0] * positions >= AVERAGED_BN_VALUES
+            self._bn_min_images = 0 if averaged else math.ceil(PRECISE_BN_VALUES / positions)
+        if not self._averages_bn:
+            return False
         start = self.steps_per_epoch - min(self.config.precise_bn_batches, self.steps_per_epoch)
-        if self.step_in_epoch > start:
-            self._bn_average.start(restart=False)
-            return None
-        return start
+        if self.step_in_epoch < start:
+            return False
+        self._bn_average.start(restart=self.step_in_epoch == start)
+        return True
 
     def _remaining_batches(self):
         """This epoch's batches after the ``step_in_epoch`` already done (same order as a fresh epoch)."""
@@ -375,8 +384,8 @@ class Trainer:
 
     def recalibrate_bn(self) -> None:
         """Precise BN for :attr:`evaluated_module` by extra forward passes over ``precise_bn_batches``
-        training batches. Validation calls it only with an EMA: otherwise the statistics already
-        average the epoch's last training batches (see ``TrainConfig.precise_bn_batches``)."""
+        training batches (joined where they are small). Validation calls it unless the statistics
+        already average the epoch's last training batches (see ``TrainConfig.precise_bn_batches``)."""
         recalibrate_bn(
             self.evaluated_module,
             self.train_loader,
@@ -385,13 +394,14 @@ class Trainer:
             amp_dtype=self.amp_dtype,
             channels_last=self.channels_last,
             frozen=self._held_names,
+            min_images=self._bn_min_images or 1,
         )
         if self.config.precise_bn_batches > 0:
             self._sync_buffers(self.evaluated_module)
 
     def validate(self) -> dict:
         """Loss (and score, with a ``metric_fn``) of :attr:`evaluated_module` on the validation loader."""
-        if self._bn_average is None:
+        if not self._averages_bn:
             self.recalibrate_bn()
         outputs, targets = evaluate(
             PooledHead(self.evaluated_module) if self.head_only else self.evaluated_module,
@@ -426,7 +436,7 @@ class Trainer:
                 self.should_stop = True
 
     def _finish(self) -> None:
-        if self.val_loader is None and self.history and self._bn_average is None:
+        if self.val_loader is None and self.history and not self._averages_bn:
             self.recalibrate_bn()
         if self.best_state is not None:
             self.evaluated_module.load_state_dict(self.best_state)

@@ -4,6 +4,7 @@ BatchNorm statistics, top-k accuracy, device placement, the EMA's warm-up ramp."
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "evaluate",
     "BackboneFeatures",
     "PooledHead",
+    "deepest_positions",
     "trained_batchnorms",
     "BatchNormAverage",
     "recalibrate_bn",
@@ -203,6 +205,31 @@ class BatchNormAverage:
             self._momenta = None
 
 
+def deepest_positions(model: nn.Module, height: int, width: int) -> int:
+    """Positions per channel of ``model``'s deepest feature map for ``height`` x ``width`` inputs
+    (from ``feature_info`` reductions; 32, EfficientNet's, when the model does not say).
+
+    >>> from effsk.nn import efficientnet
+    >>> deepest_positions(efficientnet("b0"), 64, 64), deepest_positions(nn.Linear(2, 2), 224, 224)
+    (4, 49)
+    """
+    reduction = max((f["reduction"] for f in getattr(model, "feature_info", ())), default=32)
+    return math.ceil(height / reduction) * math.ceil(width / reduction)
+
+
+def _joined(loader: Iterable, batches: int, min_images: int):
+    """The inputs of the first ``batches`` batches of ``loader``, consecutive batches concatenated
+    into as many groups of at least ``min_images`` images as they make (one when they are fewer)."""
+    batches = min(batches, len(loader)) if hasattr(loader, "__len__") else batches
+    batch_size = getattr(loader, "batch_size", None) or 1
+    groups = max(1, min(batches, batches * batch_size // max(1, min_images)))
+    items = iter(loader)
+    for g in range(groups):
+        chunk = list(itertools.islice(items, batches // groups + (g < batches % groups)))
+        if chunk:
+            yield torch.cat([b[0] if isinstance(b, (tuple, list)) else b for b in chunk])
+
+
 @torch.no_grad()
 def recalibrate_bn(
     model: nn.Module,
@@ -213,10 +240,14 @@ def recalibrate_bn(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     frozen: Iterable[str] = (),
+    min_images: int = 1,
 ) -> None:
     """Recompute BatchNorm running statistics as exact averages over ``batches`` batches of
     ``loader`` (as :func:`torch.optim.swa_utils.update_bn` does), with the model in train mode except
-    the ``frozen`` submodules (names), which stay in eval mode and keep their statistics."""
+    the ``frozen`` submodules (names), which stay in eval mode and keep their statistics.
+
+    Consecutive batches are joined into forward passes of at least ``min_images`` images (the same
+    images): see :data:`effsk.training.config.PRECISE_BN_VALUES` for why small feature maps need it."""
     device = torch.device(device)
     frozen = list(frozen)
     layers = trained_batchnorms(model, frozen)
@@ -228,8 +259,7 @@ def recalibrate_bn(
     model.train()
     for name in frozen:
         model.get_submodule(name).eval()
-    for batch in itertools.islice(loader, batches):
-        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    for inputs in _joined(loader, batches, min_images):
         with autocast(device, amp_dtype):
             model(to_device(inputs, device, channels_last))
     average.stop()
