@@ -379,3 +379,169 @@ def test_two_phase_fine_tune_numbers_epochs_overall(capsys):
     assert [r["phase"] for r in clf.history_] == ["head", "train"]
     assert "epoch 1/2 (head)" in out and "epoch 2/2 (train)" in out
     assert "epoch 1/1" not in out
+
+
+# -- fast paths: precise BN on the fly, the head on features, channels_last, batched transforms ----------
+
+
+def with_reduction(model, reduction):
+    """``model`` declaring (timm's ``feature_info``) that its deepest map is its input / ``reduction``."""
+    model.feature_info = [{"reduction": reduction}]
+    return model
+
+
+def test_precise_bn_averages_the_epochs_last_training_batches_when_they_are_large():
+    """Batches of 4 images x 36 positions (>= AVERAGED_BN_VALUES): with the weights held (lr 0), the
+    statistics the loop leaves are the exact average of the last ``precise_bn_batches`` batches'
+    statistics, as recalibrating on those batches computes them, and no extra pass runs."""
+    x, y = tiny_data(24)  # 6 batches of 4
+    torch.manual_seed(0)
+    model, reference = with_reduction(Tiny(), 1), Tiny()
+    reference.load_state_dict(model.state_dict())
+    calls = []
+    model.features.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    config = cfg(max_epochs=1, lr=0.0, schedule="constant", precise_bn_batches=2)
+    Trainer(model, loader(x, y), loader(x, y, shuffle=False), config).fit()
+    batches = list(loader(x, y, seed=config.seed))  # the epoch's order: the loop reseeds with seed + epoch
+    recalibrate_bn(reference, batches[-2:], batches=2)
+    for key, value in reference.state_dict().items():
+        if "running_" in key:
+            torch.testing.assert_close(model.state_dict()[key], value)
+    assert model.features[0][1].momentum == 0.1  # restored after the epoch
+    assert calls == [4] * 6 + [4] * 6  # the training batches, then validation: no precise-BN pass
+
+
+def test_precise_bn_recomputes_on_joined_batches_when_they_are_small():
+    """Batches of 4 images x 1 position: the statistics are recomputed over the training images
+    joined (here all 24 in one pass: fewer than PRECISE_BN_VALUES), so they are the whole set's."""
+    x, y = tiny_data(24)
+    torch.manual_seed(0)
+    model, reference = with_reduction(Tiny(), 32), Tiny()
+    reference.load_state_dict(model.state_dict())
+    Trainer(model, loader(x, y), None, cfg(max_epochs=1, lr=0.0, schedule="constant", precise_bn_batches=64)).fit()
+    with torch.no_grad():
+        stem = reference.features[0][0](x)  # the first BatchNorm's input over every training image
+    torch.testing.assert_close(model.features[0][1].running_mean, stem.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(model.features[0][1].running_var, stem.var(dim=(0, 2, 3), unbiased=True))
+
+
+class TinyStaged(Tiny):
+    """Tiny with timm's interface: forward_features / forward_head / get_classifier."""
+
+    num_features = 6
+
+    def forward_features(self, x):
+        return self.features(x)
+
+    def forward_head(self, x, pre_logits=False):
+        pooled = x.mean(dim=(2, 3))
+        return pooled if pre_logits else self.classifier(pooled)
+
+    def get_classifier(self):
+        return self.classifier[1]
+
+
+def test_head_only_training_on_features_equals_training_with_a_frozen_backbone():
+    from effsk.training.model_ops import BackboneFeatures
+
+    x, y = tiny_data(24)
+    torch.manual_seed(0)
+    frozen = TinyStaged()
+    on_features = TinyStaged()
+    on_features.load_state_dict(frozen.state_dict())
+    initial_head = frozen.classifier[1].weight.detach().clone()
+    config = cfg(max_epochs=2, freeze="backbone", optimizer="adamw", lr=0.05)
+    torch.manual_seed(1)
+    Trainer(frozen, loader(x, y), loader(x, y, shuffle=False), config).fit()
+    features, _ = BackboneFeatures(on_features, device="cpu").of_loader(loader(x, y, shuffle=False))
+    torch.manual_seed(1)  # the same dropout masks
+    trainer = Trainer(on_features, loader(features, y), loader(features, y, shuffle=False), config, head_only=True)
+    trainer.fit()
+    for key, value in frozen.state_dict().items():
+        torch.testing.assert_close(on_features.state_dict()[key], value)
+    assert not torch.equal(frozen.classifier[1].weight, initial_head)  # the head trained
+    with pytest.raises(ValueError, match="freeze='backbone'"):
+        Trainer(TinyStaged(), loader(features, y), None, cfg(), head_only=True)
+
+
+def test_fit_computes_backbone_features_once_without_augmentation(monkeypatch):
+    from effsk import EfficientNetClassifier
+    from effsk.nn.staged import SequentialStagedModel
+
+    rng = np.random.default_rng(0)
+    y = np.arange(24) % 2
+    X = (rng.integers(0, 80, (24, 32, 32, 3)) + 150 * y[:, None, None, None]).astype(np.uint8)
+    seen = []
+    real = SequentialStagedModel.forward_features
+    monkeypatch.setattr(SequentialStagedModel, "forward_features", lambda self, x: seen.append((len(x), torch.is_grad_enabled())) or real(self, x))
+    params = dict(weights=None, resolution=32, max_epochs=3, batch_size=8, validation_fraction=0.25, random_state=0)
+    EfficientNetClassifier(freeze="backbone", augment="none", **params).fit(X, y)
+    assert sum(n for n, _ in seen) == 24 and not any(grad for _, grad in seen)  # once per image, no autograd
+    seen.clear()
+    EfficientNetClassifier(freeze="backbone", augment="light", **params).fit(X, y)
+    assert sum(n for n, _ in seen) == 6 + 3 * 18 and not any(grad for _, grad in seen)  # val once; train every epoch
+
+
+@pytest.mark.parametrize("capability, expected", [("AVX512", True), ("AVX2", False), ("DEFAULT", False)])
+def test_channels_last_where_it_trains_faster(monkeypatch, capability, expected):
+    from effsk.utils.runtime import prefers_channels_last
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert prefers_channels_last(torch.device("cpu")) is expected
+    trainer = Trainer(Tiny(), [(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long))], None, cfg())
+    assert trainer.channels_last is expected
+    assert trainer.module.features[0][0].weight.is_contiguous(memory_format=torch.channels_last) is expected
+    assert Trainer(Tiny(), [(torch.zeros(2, 3, 4, 4), torch.zeros(2))], None, cfg(channels_last=False)).channels_last is False
+
+
+def test_batched_eval_transform_equals_torchvision_image_by_image():
+    from torchvision.transforms import InterpolationMode, v2
+
+    pre = Preprocessing(crop_size=24, resize_size=28, interpolation="bicubic", mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
+    reference = v2.Compose([v2.Resize(28, interpolation=InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(24),
+                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in [(30, 40), (8, 8), (30, 40), (50, 29)]]
+    expected = torch.stack([reference(image) for image in images])
+    torch.testing.assert_close(eval_transform(pre).batch(images), expected, rtol=0, atol=0)
+    torch.testing.assert_close(eval_transform(pre)(images[3]), expected[3], rtol=0, atol=0)
+
+
+def test_loader_batches_small_images_and_reports_failures_in_place(monkeypatch):
+    from effsk.data import images as images_module
+    from effsk.data.images import make_loader
+
+    pre = Preprocessing(crop_size=16, resize_size=18)
+    rng = np.random.default_rng(0)
+    X = [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8), "missing.png", rng.integers(0, 256, (30, 20, 3), dtype=np.uint8),
+         rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)]
+    batched = list(make_loader(X, pre, batch_size=4, on_error="nan", return_errors=True))
+    monkeypatch.setattr(images_module, "_BATCHED_PIXELS", 0)  # every image on its own
+    one_by_one = list(make_loader(X, pre, batch_size=4, on_error="nan", return_errors=True))
+    (images, index, errors), (expected, _, expected_errors) = batched[0], one_by_one[0]
+    assert index.tolist() == [0, 1, 2, 3] and errors == expected_errors and [e[0] for e in errors] == [1]
+    assert torch.isnan(images[1]).all() and not torch.isnan(images[[0, 2, 3]]).any()
+    torch.testing.assert_close(images, expected, rtol=0, atol=0, equal_nan=True)
+    reference = eval_transform(pre)
+    torch.testing.assert_close(images[2], reference(torch.from_numpy(X[2]).permute(2, 0, 1)), rtol=0, atol=0)
+
+
+def test_num_workers_auto_is_resolved_for_every_loader(monkeypatch):
+    from effsk import EfficientNetClassifier
+    from effsk.estimators import _base, _finetune
+
+    asked = []
+
+    def resolve(num_workers, device, **kwargs):
+        asked.append(num_workers)
+        return 0
+
+    monkeypatch.setattr(_finetune, "resolve_num_workers", resolve)
+    monkeypatch.setattr(_base, "resolve_num_workers", resolve)
+    rng = np.random.default_rng(0)
+    y = np.arange(8) % 2
+    X = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    clf = EfficientNetClassifier(weights=None, resolution=16, max_epochs=1, batch_size=4, early_stopping=False, random_state=0)
+    assert clf.num_workers == "auto"
+    clf.fit(X, y).predict(X)
+    assert asked == ["auto", "auto"]  # fit's loaders, then prediction's

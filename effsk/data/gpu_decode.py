@@ -28,11 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from .images import ON_ERROR, ImageLoadError, _items, load_image, num_images
 from .preprocessing import Preprocessing
+from .transforms import eval_transform
 
 try:
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -245,7 +244,7 @@ def preprocess_on_device(images: list[torch.Tensor], preprocessing: Preprocessin
     as :func:`~effsk.data.transforms.eval_transform` computes each (resize the shorter side with the
     weights' interpolation, antialiased; centre crop; scale to [0, 1]; normalise).
 
-    Images of the same size are resized together, in one call.
+    Images of the same size are resized together, in one call (:meth:`~effsk.data.transforms.EvalTransform.batch`).
 
     >>> from effsk.data.preprocessing import Preprocessing
     >>> images = [torch.zeros(3, 40, 60, dtype=torch.uint8), torch.full((3, 50, 50), 255, dtype=torch.uint8)]
@@ -253,20 +252,7 @@ def preprocess_on_device(images: list[torch.Tensor], preprocessing: Preprocessin
     >>> tuple(batch.shape), batch[0].min().item(), batch[1].max().item()
     ((2, 3, 32, 32), -1.0, 1.0)
     """
-    if not images:
-        raise ValueError("no images to preprocess")
-    crop = preprocessing.crop_size
-    interpolation = InterpolationMode(preprocessing.interpolation)
-    out = torch.empty((len(images), 3, crop, crop), dtype=torch.uint8, device=images[0].device)
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for k, image in enumerate(images):
-        by_size.setdefault(tuple(image.shape[-2:]), []).append(k)
-    for positions in by_size.values():
-        group = torch.stack([images[k] for k in positions])
-        group = F.resize(group, [preprocessing.resize_size], interpolation=interpolation, antialias=True)
-        out[positions] = F.center_crop(group, [crop])
-    batch = F.to_dtype(out, torch.float32, scale=True)
-    return F.normalize(batch, mean=list(preprocessing.mean), std=list(preprocessing.std))
+    return eval_transform(preprocessing).batch(images)
 
 
 # --------------------------------------------------------------------------------------------------

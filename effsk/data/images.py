@@ -54,6 +54,9 @@ ON_ERROR = ("raise", "nan")
 # Formats torchvision.io decodes natively (and as one frame); everything else goes through PIL.
 _TORCHVISION_FORMATS = ("JPEG", "PNG")
 _CHANNELS = (1, 3, 4)
+# Decoded images up to this many pixels wait for the rest of their batch to be transformed together;
+# larger ones are transformed as they come, so a batch of photos never sits in memory at full size.
+_BATCHED_PIXELS = 1 << 20
 
 
 class ImageLoadError(ValueError):
@@ -378,7 +381,9 @@ class ImageDataset(Dataset):
 
     ``index`` is the position in ``X`` (``indices[p]`` when a subset is given). A failing item gives
     ``error = (index, path, reason)`` and an all-NaN image of the transform's output shape, so that one
-    bad file never stops a batch; :class:`ImageLoader` decides whether to raise.
+    bad file never stops a batch; :class:`ImageLoader` decides whether to raise. A transform with a
+    ``batch`` method (:class:`~effsk.data.transforms.EvalTransform`) transforms the images of a batch
+    together (:meth:`__getitems__`, which DataLoaders call).
     """
 
     def __init__(self, X, transform: Callable, *, indices=None, placeholder_size: int = 32):
@@ -391,14 +396,35 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self._items) if self._indices is None else len(self._indices)
 
-    def __getitem__(self, position: int):
+    def _load(self, position: int):
+        """``(decoded image or None, index, error or None)`` of entry ``position``."""
         index = int(position if self._indices is None else self._indices[position])
-        item = self._items[index]
         try:
-            image = load_image(item, index)
+            return load_image(self._items[index], index), index, None
         except ImageLoadError as exc:
-            return self._failed(), index, (index, exc.path, exc.reason)
-        return self.transform(image), index, None
+            return None, index, (index, exc.path, exc.reason)
+
+    def __getitem__(self, position: int):
+        image, index, error = self._load(position)
+        return (self._failed() if image is None else self.transform(image)), index, error
+
+    def __getitems__(self, positions):
+        """The entries at ``positions``; small images go through a batch-capable transform together."""
+        transform_batch = getattr(self.transform, "batch", None)
+        if transform_batch is None:
+            return [self[p] for p in positions]
+        samples, pending = [], []
+        for position in positions:
+            image, index, error = self._load(position)
+            if image is not None and image.shape[-2] * image.shape[-1] <= _BATCHED_PIXELS:
+                pending.append(len(samples))  # transformed below, with the others of its batch
+            elif image is not None:
+                image = self.transform(image)  # a large decoded image is not kept waiting for the batch
+            samples.append([self._failed() if image is None else image, index, error])
+        if pending:
+            for k, image in zip(pending, transform_batch([samples[k][0] for k in pending])):
+                samples[k][0] = image
+        return [tuple(sample) for sample in samples]
 
     def _failed(self) -> torch.Tensor:
         if self._placeholder is None:

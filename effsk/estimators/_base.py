@@ -15,6 +15,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
+from ..data.gpu_decode import resolve_num_workers
 from ..data.images import make_loader
 from ..data.preprocessing import CROP_POLICIES, Preprocessing
 from ..nn.inference import optimize_for_inference
@@ -61,7 +62,7 @@ RUNTIME_PARAMETER_CONSTRAINTS = {
     "batch_size": [Interval(Integral, 1, None, closed="left")],
     "device": [str, torch.device],
     "precision": [StrOptions(set(PRECISIONS))],
-    "num_workers": [Interval(Integral, 0, None, closed="left")],
+    "num_workers": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
     "verbose": ["verbose"],
 }
 
@@ -116,8 +117,9 @@ device : str or torch.device, default="auto"
 precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
     Autocast dtype: ``"auto"`` is bf16 (or fp16) on GPUs and fp32 on CPU.""",
     "num_workers": """\
-num_workers : int, default=0
-    DataLoader workers that read and decode images.""",
+num_workers : int or "auto", default="auto"
+    DataLoader workers that read and decode images. ``"auto"`` suits them to the machine (none on
+    two cores or fewer; see :func:`effsk.data.gpu_decode.resolve_num_workers`).""",
     "verbose": """\
 verbose : int, default=0
     Show progress bars (and, when training, one line per epoch).""",
@@ -265,7 +267,7 @@ class PreparedInferenceMixin:
             X,
             self.preprocessing_,
             batch_size=self.batch_size,
-            num_workers=self.num_workers,
+            num_workers=resolve_num_workers(self.num_workers, device),
             pin_memory=device.type == "cuda",
             **kwargs,
         )

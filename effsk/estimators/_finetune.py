@@ -8,22 +8,22 @@ reproducibility) lives here once. Prediction and pickling are the featurizer's t
 
 from __future__ import annotations
 
-import itertools
-import math
 from numbers import Integral, Real
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils import _safe_indexing, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ..data.transforms import AUGMENT_PRESETS, train_transform
+from ..data.gpu_decode import resolve_num_workers
 from ..data.images import ImageLoadError, make_loader, num_images
-from ..data.transforms import eval_transform
-from ..training.optim import OPTIMIZERS
+from ..data.transforms import AUGMENT_PRESETS, train_transform
 from ..training import FREEZE_MODES, PRECISE_BN_BATCHES, TrainConfig, Trainer, holdout_split
-from ..utils.runtime import forked_rng, resolve_device
+from ..training.model_ops import BackboneFeatures
+from ..training.optim import OPTIMIZERS
+from ..utils.runtime import forked_rng, prefers_channels_last, resolve_device, resolve_precision
 from ._base import (
     CROP_CONSTRAINTS,
     MODEL_PARAMETER_CONSTRAINTS,
@@ -35,9 +35,6 @@ from ._base import (
 
 __all__ = ["FineTuneEstimator", "FINETUNE_PARAMETER_DOCS"]
 
-# Values per channel each BatchNorm layer normalises over during precise BN, at least: training batches
-# are joined until the deepest feature map (1x1 at 32 px) holds this many positions (see _PreciseBNTrainer).
-PRECISE_BN_VALUES = 256
 
 
 class IndexedLoss:
@@ -280,34 +277,7 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
         return [p for p in phases if p[2] > 0]
 
     def _train(self, X, train_idx, val_idx, loss, metric, seed, device, warm) -> None:
-        batch_size = min(self.batch_size, len(train_idx))
-        pin = device.type == "cuda"
-        generator = torch.Generator().manual_seed(seed)
-        train_loader = make_loader(
-            _safe_indexing(X, train_idx),
-            self.preprocessing_,
-            transform=train_transform(self.preprocessing_, self.augment),
-            targets=train_idx,
-            batch_size=batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            pin_memory=pin,
-            generator=generator,
-            drop_last=len(train_idx) % batch_size == 1,  # BatchNorm cannot train on a batch of one
-        )
-        train_loader = _Renumbered(train_loader, train_idx)
-        val_loader = None
-        if val_idx is not None:
-            val_loader = make_loader(
-                _safe_indexing(X, val_idx),
-                self.preprocessing_,
-                transform=eval_transform(self.preprocessing_),
-                targets=val_idx,
-                batch_size=batch_size,
-                num_workers=self.num_workers,
-                pin_memory=pin,
-            )
-            val_loader = _Renumbered(val_loader, val_idx)
+        data = _FitData(self, X, train_idx, val_idx, seed, device)
         schedule = self._freeze_schedule(warm)
         total_epochs = len(self.history_) + sum(epochs for _, _, epochs in schedule)
         for phase, freeze, epochs in schedule:
@@ -330,10 +300,7 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
                 total_epochs=total_epochs,
                 phase=phase,
             )
-            trainer = _PreciseBNTrainer(
-                self.model_, train_loader, val_loader, config, loss_fn=loss, metric_fn=metric,
-                bn_images=_precise_bn_images(self.model_, self.preprocessing_.crop_size),
-            )
+            trainer = data.trainer(self.model_, config, loss, metric)
             offset = len(self.history_)
             history = trainer.fit()
             for record in history:
@@ -343,6 +310,128 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
         self.model_.eval()
 
 
+# Pooled backbone features of the training images are kept in memory (rather than recomputed every
+# epoch) up to this size.
+_FEATURE_CACHE_BYTES = 1 << 30
+
+
+class _FitData:
+    """The batches one fit trains on: images for the phases that train the backbone; for a phase that
+    trains the head alone (``freeze="backbone"``), the backbone's pooled features, computed without
+    autograd, and only once when the images do not change from epoch to epoch (no augmentation)."""
+
+    def __init__(self, estimator, X, train_idx, val_idx, seed: int, device: torch.device):
+        self.estimator, self.X, self.train_idx, self.val_idx, self.device = estimator, X, train_idx, val_idx, device
+        self.batch_size = min(estimator.batch_size, len(train_idx))
+        self.drop_last = len(train_idx) % self.batch_size == 1  # BatchNorm cannot train on a batch of one
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_workers = resolve_num_workers(estimator.num_workers, device)
+        self._fixed_features = None
+
+    def trainer(self, model, config: TrainConfig, loss, metric) -> Trainer:
+        """The Trainer of one phase: on backbone features when only the head trains."""
+        head_only = config.freeze == "backbone" and hasattr(model, "forward_features") and hasattr(model, "forward_head")
+        if head_only:
+            train_loader, val_loader = self._feature_loaders(model, config)
+        else:
+            self._fixed_features = None  # the backbone trains: its features change
+            train_loader = self._image_loader(self.train_idx, self.estimator.augment, shuffle=True)
+            val_loader = None if self.val_idx is None else self._image_loader(self.val_idx, "none")
+        return Trainer(model, train_loader, val_loader, config, loss_fn=loss, metric_fn=metric, head_only=head_only)
+
+    def _image_loader(self, idx: np.ndarray, augment: str, shuffle: bool = False):
+        preprocessing = self.estimator.preprocessing_
+        loader = make_loader(
+            _safe_indexing(self.X, idx),
+            preprocessing,
+            transform=train_transform(preprocessing, augment),
+            targets=idx,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=self.generator if shuffle else None,
+            drop_last=self.drop_last and shuffle,
+        )
+        return _Renumbered(loader, idx)
+
+    def _feature_loaders(self, model, config: TrainConfig):
+        channels_last = prefers_channels_last(self.device) if config.channels_last is None else config.channels_last
+        model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        amp_dtype = resolve_precision(config.precision, self.device)
+        features = BackboneFeatures(model, device=self.device, amp_dtype=amp_dtype, channels_last=channels_last)
+        if self._fixed_features is None:
+            with forked_rng(self.device):  # loaders draw their seeds: leave dropout's draws as they would be
+                self._fixed_features = self._features_once(features, getattr(model, "num_features", None))
+        train, val = self._fixed_features
+        if train is None:  # augmented, or too many to keep: computed batch by batch, every epoch
+            train_loader = _FeatureBatches(self._image_loader(self.train_idx, self.estimator.augment, shuffle=True), features)
+        else:
+            train_loader = self._rows_loader(*train, shuffle=True)
+        return train_loader, None if val is None else self._rows_loader(*val)
+
+    def _features_once(self, features: BackboneFeatures, num_features: int | None):
+        """``(train, val)`` ``(features, targets)`` pairs that stay the same from epoch to epoch: the
+        validation images', and the training images' when not augmented and within the cache size."""
+        val = None if self.val_idx is None else features.of_loader(self._image_loader(self.val_idx, "none"))
+        train = None
+        fits = num_features is not None and len(self.train_idx) * num_features * 4 <= _FEATURE_CACHE_BYTES
+        if self.estimator.augment == "none" and fits:
+            train = features.of_loader(self._image_loader(self.train_idx, "none"))
+        return train, val
+
+    def _rows_loader(self, features: torch.Tensor, targets: torch.Tensor, shuffle: bool = False):
+        """Batches of feature rows drawn as the image loaders draw images (same sampler and generator)."""
+        return DataLoader(
+            _Rows(features, targets),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=self.generator if shuffle else None,
+            drop_last=self.drop_last and shuffle,
+            collate_fn=_as_batch,
+        )
+
+
+class _Rows(Dataset):
+    """Rows of tensors, fetched a batch at a time."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, i):
+        return tuple(t[i] for t in self.tensors)
+
+    def __getitems__(self, rows):
+        index = torch.as_tensor(rows)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _as_batch(batch):
+    return batch
+
+
+class _FeatureBatches:
+    """A loader of ``(images, targets)`` seen as ``(backbone features, targets)``."""
+
+    def __init__(self, loader, features: BackboneFeatures):
+        self.loader, self.features = loader, features
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):  # sampler, generator, batch_size: the trainer seeds through them
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for inputs, targets in self.loader:
+            yield self.features(inputs), targets
+
+
 class _IndexedMetric:
     def __init__(self, score, loss: IndexedLoss):
         self.score, self.loss = score, loss
@@ -350,58 +439,6 @@ class _IndexedMetric:
     def __call__(self, outputs: torch.Tensor, index: torch.Tensor) -> float:
         targets, weights = self.loss.lookup(index)
         return float(self.score(outputs, targets, weights))
-
-
-class _PreciseBNTrainer(Trainer):
-    """The training loop, with precise BN over training batches joined to at least ``bn_images`` images.
-
-    Precise BN gathers each layer's statistics with every layer above it normalised by the current
-    batch. Where the deepest feature maps hold a few positions (1x1 at 32 px), a dozen images make
-    those upstream normalisations differ from the population ones prediction uses, and the
-    statistics gathered are not the eval-mode network's: predictions of a well-trained model
-    explode on some images (held-out R^2 below 0 while the training loss is 0.3). Joined batches
-    remove that gap; the images seen are the same as without joining.
-    """
-
-    def __init__(self, *args, bn_images: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.bn_images = bn_images
-
-    def recalibrate_bn(self) -> None:
-        loader = self.train_loader
-        self.train_loader = _JoinedBatches(loader, self.bn_images, self.config.precise_bn_batches)
-        try:
-            super().recalibrate_bn()
-        finally:
-            self.train_loader = loader
-
-
-def _precise_bn_images(model: torch.nn.Module, crop_size: int) -> int:
-    """Images per precise-BN batch so that the deepest feature map holds ``PRECISE_BN_VALUES`` positions."""
-    reduction = max((f["reduction"] for f in getattr(model, "feature_info", ())), default=32)
-    return math.ceil(PRECISE_BN_VALUES / math.ceil(crop_size / reduction) ** 2)
-
-
-class _JoinedBatches:
-    """The first ``max_batches`` ``(inputs, targets)`` batches of ``loader``, concatenated into
-    batches of at least ``min_images`` images (or all of them, when they are fewer)."""
-
-    def __init__(self, loader, min_images: int, max_batches: int):
-        self.loader, self.min_images, self.max_batches = loader, min_images, max_batches
-
-    def __len__(self) -> int:
-        return len(self._group_sizes())
-
-    def _group_sizes(self) -> list[int]:
-        n_batches = min(self.max_batches, len(self.loader))
-        groups = max(1, n_batches * self.loader.batch_size // self.min_images)
-        return [len(part) for part in np.array_split(np.arange(n_batches), min(groups, n_batches))]
-
-    def __iter__(self):
-        batches = iter(self.loader)
-        for size in self._group_sizes():
-            chunk = list(itertools.islice(batches, size))
-            yield torch.cat([b[0] for b in chunk]), torch.cat([b[1] for b in chunk])
 
 
 class _Renumbered:

@@ -89,7 +89,7 @@ class EfficientNetClassifier(ClassifierMixin, FineTuneEstimator):
         class_weight=None,
         device="auto",
         precision="auto",
-        num_workers=0,
+        num_workers="auto",
         random_state=None,
         verbose=0,
         warm_start=False,

@@ -15,7 +15,9 @@ from sklearn.utils.validation import check_is_fitted
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.cache import open_feature_cache, weights_identity
+from ..data.gpu_decode import resolve_num_workers
 from ..data.images import ON_ERROR, ImageLoadWarning, _items, item_digest, num_images
+from ..utils.runtime import resolve_device
 from ._base import (
     CROP_CONSTRAINTS,
     DEFAULT_CROP,
@@ -141,7 +143,7 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
         batch_size=32,
         device="auto",
         precision="auto",
-        num_workers=0,
+        num_workers="auto",
         memory=None,
         on_error="raise",
         verbose=0,
@@ -293,7 +295,8 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
         return open_feature_cache(self.memory, config, self._n_features_out)
 
     def _digests(self, X) -> list:
-        loader = DataLoader(_Digests(X), batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=list)
+        workers = resolve_num_workers(self.num_workers, resolve_device(self.device))
+        loader = DataLoader(_Digests(X), batch_size=self.batch_size, num_workers=workers, collate_fn=list)
         return [key for batch in loader for key in batch]
 
     # ----------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class EfficientNetRegressor(RegressorMixin, FineTuneEstimator):
         patience=3,
         device="auto",
         precision="auto",
-        num_workers=0,
+        num_workers="auto",
         random_state=None,
         verbose=0,
         warm_start=False,

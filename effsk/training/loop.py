@@ -44,9 +44,20 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from ..utils.runtime import autocast, explain_oom, resolve_device, resolve_precision
-from .config import FREEZE_MODES, TrainConfig
-from .model_ops import apply_freeze, ema_warmup_avg_fn, evaluate, recalibrate_bn, to_device, top_k_accuracy
+from ..utils.runtime import autocast, explain_oom, prefers_channels_last, resolve_device, resolve_precision
+from .config import AVERAGED_BN_VALUES, FREEZE_MODES, PRECISE_BN_VALUES, TrainConfig
+from .model_ops import (
+    BatchNormAverage,
+    PooledHead,
+    apply_freeze,
+    deepest_positions,
+    ema_warmup_avg_fn,
+    evaluate,
+    recalibrate_bn,
+    to_device,
+    top_k_accuracy,
+    trained_batchnorms,
+)
 from .optim import build_optimizer, build_scheduler
 
 __all__ = [
@@ -85,8 +96,8 @@ class Trainer:
     Parameters
     ----------
     model : nn.Module
-        Moved to the configured device (channels_last on CUDA); its ``requires_grad`` flags are set
-        by ``config.freeze``.
+        Moved to the configured device (channels_last where that trains faster, see
+        ``config.channels_last``); its ``requires_grad`` flags are set by ``config.freeze``.
     train_loader, val_loader : iterable of (inputs, targets)
         ``val_loader`` is optional unless early stopping is on.
     config : TrainConfig
@@ -108,6 +119,11 @@ class Trainer:
         epoch's training steps and after precise BN, before validation.
     main_process : bool
         Only the main process shows progress.
+    head_only : bool
+        The loaders' inputs are the backbone's pooled features
+        (:class:`~effsk.training.model_ops.BackboneFeatures`), not images: training and validation
+        run the model's head alone on them (:class:`~effsk.training.model_ops.PooledHead`). Needs
+        ``config.freeze="backbone"``, under which the backbone would compute the same features.
 
     Examples
     --------
@@ -137,15 +153,19 @@ class Trainer:
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
         sync_buffers: Callable[[nn.Module], None] | None = None,
         main_process: bool = True,
+        head_only: bool = False,
     ):
         self.config = config = config or TrainConfig()
         if config.early_stopping and val_loader is None:
             raise ValueError("early_stopping needs a val_loader")
+        if head_only and config.freeze != "backbone":
+            raise ValueError(f"head_only=True trains the head alone, so it needs freeze='backbone', not {config.freeze!r}")
+        self.head_only = head_only
         if config.monitor == "val_score" and metric_fn is None and loss_fn is not None:
             raise ValueError("monitor='val_score' needs a metric_fn")
         self.device = resolve_device(config.device)
         self.amp_dtype = resolve_precision(config.precision, self.device)
-        self.channels_last = self.device.type == "cuda" if config.channels_last is None else bool(config.channels_last)
+        self.channels_last = prefers_channels_last(self.device) if config.channels_last is None else bool(config.channels_last)
         self.train_loader, self.val_loader = train_loader, val_loader
         if loss_fn is None:
             loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -169,7 +189,14 @@ class Trainer:
             decay = self.config.ema_decay
             average = ema_warmup_avg_fn(decay) if self.config.ema_warmup else get_ema_multi_avg_fn(decay)
             self.ema = AveragedModel(self.module, multi_avg_fn=average, use_buffers=True)
-        self.model = wrap_model(self.module) if wrap_model is not None else self.module
+        # Precise BN for free where the training batches allow it (see _averages_bn). Not under an EMA,
+        # which would average the restarted statistics into its own.
+        self._bn_average = None
+        if self.config.precise_bn_batches > 0 and self.ema is None:
+            self._bn_average = BatchNormAverage(trained_batchnorms(self.module, self._held_names))
+        self._bn_min_images: int | None = None  # images per precise-BN pass, once the first batch is seen
+        forward = PooledHead(self.module) if self.head_only else self.module
+        self.model = wrap_model(forward) if wrap_model is not None else forward
 
     def _build_optimization(self) -> None:
         """Optimiser, per-step schedule and grad scaler for the trainable parameters."""
@@ -251,11 +278,12 @@ class Trainer:
             leave=False,
             disable=not (self.config.verbose and self.main_process),
         )
-        images = 0
+        images, averaging = 0, False
         for batch in batches:
             if self.step_in_epoch >= self.steps_per_epoch:
                 break
             inputs = to_device(batch[0], self.device, self.channels_last)
+            averaging = averaging or self._start_bn_average(inputs)
             targets = to_device(batch[1], self.device)
             loss = self._train_step(inputs, targets)
             n = inputs.shape[0]
@@ -269,6 +297,8 @@ class Trainer:
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
         bar.close()
+        if averaging:
+            self._bn_average.stop()
         train_loss = self._reduced_epoch_loss()  # reads the loss back: the device has finished the epoch
         seconds = time.perf_counter() - start
         self._sync_buffers(self.module)
@@ -290,6 +320,27 @@ class Trainer:
             record.update(self.validate())
             record["seconds"] = time.perf_counter() - start
         return record
+
+    @property
+    def _averages_bn(self) -> bool:
+        """Whether precise BN averages the training batches as they pass (rather than recomputing)."""
+        return self._bn_average is not None and self._bn_min_images == 0
+
+    def _start_bn_average(self, inputs) -> bool:
+        """Start averaging BatchNorm statistics if this step begins the epoch's last
+        ``precise_bn_batches`` (a resumed epoch continues the average it had begun); the first batch
+        decides whether training batches are large enough to be averaged (see config.AVERAGED_BN_VALUES)."""
+        if self._bn_min_images is None and isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+            positions = deepest_positions(self.module, *inputs.shape[-2:])
+            averaged = inputs.shape[0] * positions >= AVERAGED_BN_VALUES
+            self._bn_min_images = 0 if averaged else math.ceil(PRECISE_BN_VALUES / positions)
+        if not self._averages_bn:
+            return False
+        start = self.steps_per_epoch - min(self.config.precise_bn_batches, self.steps_per_epoch)
+        if self.step_in_epoch < start:
+            return False
+        self._bn_average.start(restart=self.step_in_epoch == start)
+        return True
 
     def _remaining_batches(self):
         """This epoch's batches after the ``step_in_epoch`` already done (same order as a fresh epoch)."""
@@ -332,7 +383,9 @@ class Trainer:
         return loss
 
     def recalibrate_bn(self) -> None:
-        """Precise BN for :attr:`evaluated_module` (see ``TrainConfig.precise_bn_batches``)."""
+        """Precise BN for :attr:`evaluated_module` by extra forward passes over ``precise_bn_batches``
+        training batches (joined where they are small). Validation calls it unless the statistics
+        already average the epoch's last training batches (see ``TrainConfig.precise_bn_batches``)."""
         recalibrate_bn(
             self.evaluated_module,
             self.train_loader,
@@ -341,15 +394,17 @@ class Trainer:
             amp_dtype=self.amp_dtype,
             channels_last=self.channels_last,
             frozen=self._held_names,
+            min_images=self._bn_min_images or 1,
         )
         if self.config.precise_bn_batches > 0:
             self._sync_buffers(self.evaluated_module)
 
     def validate(self) -> dict:
         """Loss (and score, with a ``metric_fn``) of :attr:`evaluated_module` on the validation loader."""
-        self.recalibrate_bn()
+        if not self._averages_bn:
+            self.recalibrate_bn()
         outputs, targets = evaluate(
-            self.evaluated_module,
+            PooledHead(self.evaluated_module) if self.head_only else self.evaluated_module,
             self.val_loader,
             device=self.device,
             amp_dtype=self.amp_dtype,
@@ -381,7 +436,7 @@ class Trainer:
                 self.should_stop = True
 
     def _finish(self) -> None:
-        if self.val_loader is None and self.history:
+        if self.val_loader is None and self.history and not self._averages_bn:
             self.recalibrate_bn()
         if self.best_state is not None:
             self.evaluated_module.load_state_dict(self.best_state)

@@ -4,6 +4,7 @@ BatchNorm statistics, top-k accuracy, device placement, the EMA's warm-up ramp."
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -14,7 +15,19 @@ from tqdm.auto import tqdm
 from ..utils.runtime import autocast, explain_oom
 from .config import check_freeze
 
-__all__ = ["apply_freeze", "top_k_accuracy", "to_device", "evaluate", "recalibrate_bn", "ema_warmup_avg_fn"]
+__all__ = [
+    "apply_freeze",
+    "top_k_accuracy",
+    "to_device",
+    "evaluate",
+    "BackboneFeatures",
+    "PooledHead",
+    "deepest_positions",
+    "trained_batchnorms",
+    "BatchNormAverage",
+    "recalibrate_bn",
+    "ema_warmup_avg_fn",
+]
 
 
 def apply_freeze(model: nn.Module, freeze: str | int) -> list[nn.Module]:
@@ -104,6 +117,119 @@ def evaluate(
     return out, tgt
 
 
+class BackboneFeatures:
+    """Pooled backbone features of image batches, as a frozen backbone computes them: the model in
+    eval mode, no autograd. ``model`` has timm's ``forward_features`` / ``forward_head``.
+
+    Training the head alone on these (see :class:`PooledHead`) gives the gradients that training the
+    whole network with the backbone frozen gives, without running the backbone under autograd, and
+    without running it again every epoch when the inputs do not change (no augmentation).
+    """
+
+    def __init__(self, model: nn.Module, *, device, amp_dtype: torch.dtype | None = None, channels_last: bool = False):
+        self.model, self.device, self.amp_dtype, self.channels_last = model, torch.device(device), amp_dtype, channels_last
+
+    @torch.no_grad()  # not inference_mode: the head trains on these features under autograd
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` images -> float32 ``(N, num_features)`` features on the device."""
+        was_training = self.model.training
+        self.model.eval()
+        with explain_oom(inputs, "computing backbone features of"), autocast(self.device, self.amp_dtype):
+            feature_map = self.model.forward_features(to_device(inputs, self.device, self.channels_last))
+            pooled = self.model.forward_head(feature_map, pre_logits=True)
+        self.model.train(was_training)
+        return pooled.float()
+
+    def of_loader(self, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features, targets)`` of every ``(inputs, targets)`` batch of ``loader``, concatenated on the CPU."""
+        features, targets = [], []
+        for inputs, target in loader:
+            features.append(self(inputs).cpu())
+            targets.append(target)
+        return torch.cat(features), torch.cat(targets)
+
+
+class PooledHead(nn.Module):
+    """``model``'s head alone: pooled features ``(N, num_features)`` (:class:`BackboneFeatures`) ->
+    outputs, through the model's ``forward_head`` (pooling a 1x1 map changes nothing)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(pooled[:, :, None, None])
+
+
+def trained_batchnorms(model: nn.Module, frozen: Iterable[str] = ()) -> list[_BatchNorm]:
+    """The BatchNorm layers of ``model`` whose statistics train: all but those inside the ``frozen``
+    submodules (names)."""
+    held_ids = {id(m) for name in frozen for m in model.get_submodule(name).modules()}
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and id(m) not in held_ids]
+
+
+class BatchNormAverage:
+    """Make BatchNorm running statistics the exact average of the batches that follow (precise BN
+    gathered on the fly): momentum ``None`` (a cumulative average), optionally restarted, until
+    :meth:`stop` restores the layers' momenta.
+
+    Training forward passes compute each batch's statistics anyway, so averaging them over an
+    epoch's last batches costs nothing, where :func:`recalibrate_bn` spends extra forward passes.
+
+    >>> bn = nn.BatchNorm1d(2, momentum=0.1)
+    >>> average = BatchNormAverage([bn])
+    >>> average.start(restart=True)
+    >>> _ = bn(torch.tensor([[0.0, 1.0], [2.0, 3.0]])), bn(torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
+    >>> average.stop()
+    >>> bn.running_mean.tolist(), bn.momentum
+    ([3.0, 4.0], 0.1)
+    """
+
+    def __init__(self, layers: Iterable[_BatchNorm]):
+        self.layers = list(layers)
+        self._momenta: dict | None = None
+
+    def start(self, restart: bool) -> None:
+        """Average from here on; ``restart=False`` continues the average the statistics hold (a resumed run)."""
+        if self._momenta is None:
+            self._momenta = {m: m.momentum for m in self.layers}
+        for m in self.layers:
+            if restart:
+                m.reset_running_stats()
+            m.momentum = None
+
+    def stop(self) -> None:
+        if self._momenta is not None:
+            for m, momentum in self._momenta.items():
+                m.momentum = momentum
+            self._momenta = None
+
+
+def deepest_positions(model: nn.Module, height: int, width: int) -> int:
+    """Positions per channel of ``model``'s deepest feature map for ``height`` x ``width`` inputs
+    (from ``feature_info`` reductions; 32, EfficientNet's, when the model does not say).
+
+    >>> from effsk.nn import efficientnet
+    >>> deepest_positions(efficientnet("b0"), 64, 64), deepest_positions(nn.Linear(2, 2), 224, 224)
+    (4, 49)
+    """
+    reduction = max((f["reduction"] for f in getattr(model, "feature_info", ())), default=32)
+    return math.ceil(height / reduction) * math.ceil(width / reduction)
+
+
+def _joined(loader: Iterable, batches: int, min_images: int):
+    """The inputs of the first ``batches`` batches of ``loader``, consecutive batches concatenated
+    into as many groups of at least ``min_images`` images as they make (one when they are fewer)."""
+    batches = min(batches, len(loader)) if hasattr(loader, "__len__") else batches
+    batch_size = getattr(loader, "batch_size", None) or 1
+    groups = max(1, min(batches, batches * batch_size // max(1, min_images)))
+    items = iter(loader)
+    for g in range(groups):
+        chunk = list(itertools.islice(items, batches // groups + (g < batches % groups)))
+        if chunk:
+            yield torch.cat([b[0] if isinstance(b, (tuple, list)) else b for b in chunk])
+
+
 @torch.no_grad()
 def recalibrate_bn(
     model: nn.Module,
@@ -114,31 +240,29 @@ def recalibrate_bn(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     frozen: Iterable[str] = (),
+    min_images: int = 1,
 ) -> None:
     """Recompute BatchNorm running statistics as exact averages over ``batches`` batches of
     ``loader`` (as :func:`torch.optim.swa_utils.update_bn` does), with the model in train mode except
-    the ``frozen`` submodules (names), which stay in eval mode and keep their statistics."""
+    the ``frozen`` submodules (names), which stay in eval mode and keep their statistics.
+
+    Consecutive batches are joined into forward passes of at least ``min_images`` images (the same
+    images): see :data:`effsk.training.config.PRECISE_BN_VALUES` for why small feature maps need it."""
     device = torch.device(device)
-    held = [model.get_submodule(name) for name in frozen]
-    held_ids = {id(m) for top in held for m in top.modules()}
-    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and id(m) not in held_ids]
+    frozen = list(frozen)
+    layers = trained_batchnorms(model, frozen)
     if not layers or batches <= 0:
         return
     was_training = model.training
-    momenta = {}
-    for m in layers:
-        m.reset_running_stats()
-        momenta[m] = m.momentum
-        m.momentum = None  # cumulative average
+    average = BatchNormAverage(layers)
+    average.start(restart=True)
     model.train()
-    for m in held:
-        m.eval()
-    for batch in itertools.islice(loader, batches):
-        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    for name in frozen:
+        model.get_submodule(name).eval()
+    for inputs in _joined(loader, batches, min_images):
         with autocast(device, amp_dtype):
             model(to_device(inputs, device, channels_last))
-    for m, momentum in momenta.items():
-        m.momentum = momentum
+    average.stop()
     model.train(was_training)
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import os
+import time
 
 from ..weights.checkpoint import atomic_torch_save, read_weights_file
 from . import distributed
@@ -22,6 +24,9 @@ STATE_FILE = "train_state.pt"
 RUN_FILE = "run.json"
 STATE_FORMAT = "effsk.pretrain-state"
 STATE_FORMAT_VERSION = 1
+# Redraw the curves after an epoch only if the last drawing is this old: drawing takes about a second,
+# which short epochs would otherwise pay every time (the run's end always draws them).
+PLOT_EVERY_SECONDS = 60.0
 
 
 def plain(value):
@@ -53,6 +58,7 @@ class PretrainCallback(Callback):
     def __init__(self, files: RunFiles, signature: dict, env: distributed.DistEnv, save_every_steps: int | None):
         self.files, self.signature, self.env = files, signature, env
         self.save_every_steps = save_every_steps
+        self._plotted_at = -math.inf
 
     def on_validation_end(self, trainer, outputs, targets, record):
         record["val_top1"] = top_k_accuracy(outputs, targets, 1)
@@ -71,7 +77,9 @@ class PretrainCallback(Callback):
         self.save_state(trainer)
         if self.env.is_main:
             self.files.log.append(record)
-            self.files.log.plot()
+            if time.monotonic() - self._plotted_at >= PLOT_EVERY_SECONDS:
+                self.files.log.plot()
+                self._plotted_at = time.monotonic()
 
     def save_state(self, trainer: Trainer) -> None:
         """Write the training state atomically; every rank contributes its RNG and loss tally."""

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-__all__ = ["resolve_device", "resolve_precision", "autocast", "forked_rng", "explain_oom"]
+__all__ = ["resolve_device", "resolve_precision", "prefers_channels_last", "autocast", "forked_rng", "explain_oom"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -34,7 +34,10 @@ def resolve_device(device="auto") -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``precision`` on ``device``; ``None`` means plain fp32.
 
-    ``"auto"``: bf16 on GPUs that support it, else fp16; fp32 on CPU.
+    ``"auto"``: bf16 on GPUs that support it, else fp16; fp32 on CPU. On CPUs with native bf16
+    (AVX512-BF16, AMX) bf16 autocast was measured (b0, 64-128 px, channels_last) to train 0.5-0.7x as
+    fast as fp32, and to predict 1.3-2x as fast but about 1% off fp32 outputs, so ``"auto"`` keeps
+    fp32 there; ask for ``"bf16"`` to trade that accuracy for speed when predicting.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; use one of {PRECISIONS}")
@@ -45,6 +48,31 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+# ATen CPU kernels (torch.backends.cpu.get_cpu_capability()) on which training in channels_last measured
+# faster than NCHW: b0 at 64 px trained 1.3-1.7x as fast on AVX-512 CPUs (Intel and AMD), 0.95x on an
+# AVX2 one.
+_CHANNELS_LAST_CPU_CAPABILITIES = ("AVX512",)
+
+
+def prefers_channels_last(device: torch.device) -> bool:
+    """Whether convolutional networks train faster on ``device`` in the channels_last memory format.
+
+    True on CUDA, and on CPUs whose ATen kernels are AVX-512 ones (``ATEN_CPU_CAPABILITY=avx2``
+    makes such a CPU an AVX2 one); False elsewhere. Decided from measurements per kind of device
+    rather than timed at run time: a timing on a loaded machine picks at random, and the two formats
+    round differently, so the same seed would not give the same model from one process to the next.
+
+    >>> prefers_channels_last(torch.device("cuda"))
+    True
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        return torch.backends.cpu.get_cpu_capability() in _CHANNELS_LAST_CPU_CAPABILITIES
+    return False
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
