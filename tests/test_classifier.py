@@ -62,7 +62,8 @@ def test_learns_well_above_chance_with_string_labels(fitted, data):
     proba = fitted.predict_proba(Xt)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-12)
     np.testing.assert_array_equal(fitted.classes_[proba.argmax(axis=1)], fitted.predict(Xt))
-    np.testing.assert_allclose(np.exp(fitted.predict_log_proba(Xt[:4])), proba[:4], rtol=1e-4, atol=1e-6)  # another batch size: fp32 kernels differ
+    # another batch size: float32 kernels may block the work differently, so logits agree to ~1e-5, not exactly
+    np.testing.assert_allclose(fitted.predict_log_proba(Xt[:4]), np.log(proba[:4]), rtol=0, atol=1e-4)
 
 
 def test_history_and_best_epoch(fitted):
@@ -117,7 +118,7 @@ def test_pretrained_weights_train_the_head_first_then_everything(small_data, mon
     monkeypatch.setattr(effsk.weights, "build_model", lambda phi, weights, **kw: real_build(phi, None, **kw))
     phases = []
 
-    class Spy(_finetune._PreciseBNTrainer):
+    class Spy(_finetune.Trainer):
         def fit(self):
             before = {k: v.clone() for k, v in self.module.state_dict().items()}
             history = super().fit()
@@ -125,7 +126,7 @@ def test_pretrained_weights_train_the_head_first_then_everything(small_data, mon
             phases.append((self.config.freeze, self.config.max_epochs, changed))
             return history
 
-    monkeypatch.setattr(_finetune, "_PreciseBNTrainer", Spy)
+    monkeypatch.setattr(_finetune, "Trainer", Spy)
     clf = EfficientNetClassifier(**{**SMALL, "weights": "imagenet", "max_epochs": 2, "head_epochs": 1}).fit(X, y)
     assert [r["phase"] for r in clf.history_] == ["head", "train"]
     (head_mode, head_epochs, head_changed), (main_mode, main_epochs, main_changed) = phases

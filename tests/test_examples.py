@@ -46,7 +46,12 @@ def run_example(name: str, args: list[str], tmp_path: Path) -> str:
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"example_{Path(name).stem}", ROOT / "examples" / name)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    saved = dict(os.environ)
+    try:
+        spec.loader.exec_module(module)
+    finally:  # the scripts set OpenMP/OpenBLAS defaults when imported: keep them out of later tests
+        os.environ.clear()
+        os.environ.update(saved)
     return module
 
 
