@@ -229,7 +229,10 @@ def search_coefficients(
     ...                              validation_fraction=0.5, train_config={"device": "cpu"})
     >>> search.results_[["alpha", "beta", "gamma", "resolution"]].sort_values("alpha").values.tolist()
     [[1.0, 1.0, 1.4, 11.0], [2.0, 1.0, 1.0, 8.0]]
-    >>> search.best_ in [(2.0, 1.0, 1.0), (1.0, 1.0, 1.4)]
+    >>> table = search.results_
+    >>> bool(table["val_score"].is_monotonic_decreasing), bool(search.best_score_ == table["val_score"].max())
+    (True, True)
+    >>> tuple(search.best_) == tuple(table.iloc[0][["alpha", "beta", "gamma"]])
     True
     """
     candidates = _candidates(grid, float(tolerance))
