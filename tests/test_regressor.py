@@ -79,4 +79,4 @@ def test_predictions_through_the_folded_copy_match_the_unfolded_model(data):
     reference = remeasured_eval_outputs(reg, X[:32]).numpy()[:, 0] * reg.target_scale_ + reg.target_mean_
     scale = np.abs(reference - reference.mean()).max()
     assert np.abs(stale - reference).max() > 1e-2 * scale  # the copy follows the edited weights
-    np.testing.assert_allclose(reg.predict(X[:32]), reference, rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(reg.predict(X[:32]), reference, rtol=1e-4, atol=1e-4 * scale)  # fp32 vs an fp64 reference
