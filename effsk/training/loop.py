@@ -60,16 +60,7 @@ from .model_ops import (
 )
 from .optim import build_optimizer, build_scheduler
 
-__all__ = [
-    "TrainConfig",
-    "Callback",
-    "Trainer",
-    "evaluate",
-    "apply_freeze",
-    "recalibrate_bn",
-    "top_k_accuracy",
-    "FREEZE_MODES",
-]
+__all__ = ["Callback", "Trainer"]
 
 
 class Callback:
