@@ -412,19 +412,28 @@ def _as_batch(batch):
     return batch
 
 
-class _FeatureBatches:
-    """A loader of ``(images, targets)`` seen as ``(backbone features, targets)``."""
+class _LoaderView:
+    """A loader seen through another lens; its length, sampler, generator and batch size are the
+    loader's (the trainer seeds and resumes through them)."""
 
-    def __init__(self, loader, features: BackboneFeatures):
-        self.loader, self.features = loader, features
+    def __init__(self, loader):
+        self.loader = loader
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __getattr__(self, name):  # sampler, generator, batch_size: the trainer seeds through them
+    def __getattr__(self, name):
         if name == "loader":
             raise AttributeError(name)
         return getattr(self.loader, name)
+
+
+class _FeatureBatches(_LoaderView):
+    """A loader of ``(images, targets)`` seen as ``(backbone features, targets)``."""
+
+    def __init__(self, loader, features: BackboneFeatures):
+        super().__init__(loader)
+        self.features = features
 
     def __iter__(self):
         for inputs, targets in self.loader:
@@ -440,19 +449,12 @@ class _IndexedMetric:
         return float(self.score(outputs, targets, weights))
 
 
-class _Renumbered:
+class _Renumbered(_LoaderView):
     """A loader over a subset of X whose decoding errors name the position in the caller's X."""
 
     def __init__(self, loader, positions: np.ndarray):
-        self.loader, self.positions = loader, positions
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name):  # sampler, generator, batch_size: the trainer seeds through them
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
+        super().__init__(loader)
+        self.positions = positions
 
     def __iter__(self):
         try:
