@@ -487,7 +487,7 @@ def test_fit_computes_backbone_features_once_without_augmentation(monkeypatch):
     assert sum(n for n, _ in seen) == 6 + 3 * 18 and not any(grad for _, grad in seen)  # val once; train every epoch
 
 
-@pytest.mark.parametrize("capability, expected", [("AVX512", True), ("AVX2", False), ("DEFAULT", False)])
+@pytest.mark.parametrize("capability, expected", [("AVX512", True), ("AVX2", True), ("DEFAULT", False), ("NO AVX", False)])
 def test_channels_last_where_it_trains_faster(monkeypatch, capability, expected):
     from effsk.utils.runtime import prefers_channels_last
 
