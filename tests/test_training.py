@@ -390,17 +390,22 @@ def with_reduction(model, reduction):
     return model
 
 
-def test_precise_bn_averages_the_epochs_last_training_batches_when_they_are_large():
+@pytest.mark.parametrize("precise_bn_batches, averaged_images", [(2, 256), (64, 8)])
+def test_precise_bn_averages_the_epochs_last_training_batches_when_they_are_large(monkeypatch, precise_bn_batches, averaged_images):
     """Batches of 4 images x 36 positions (>= AVERAGED_BN_VALUES): with the weights held (lr 0), the
-    statistics the loop leaves are the exact average of the last ``precise_bn_batches`` batches'
-    statistics, as recalibrating on those batches computes them, and no extra pass runs."""
+    statistics the loop leaves are the exact average of the epoch's last 2 batches' statistics (the
+    last ``precise_bn_batches``, at most AVERAGED_BN_IMAGES images), as recalibrating on those batches
+    computes them, and no extra pass runs."""
+    import effsk.training.loop as loop_module
+
+    monkeypatch.setattr(loop_module, "AVERAGED_BN_IMAGES", averaged_images)
     x, y = tiny_data(24)  # 6 batches of 4
     torch.manual_seed(0)
     model, reference = with_reduction(Tiny(), 1), Tiny()
     reference.load_state_dict(model.state_dict())
     calls = []
     model.features.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
-    config = cfg(max_epochs=1, lr=0.0, schedule="constant", precise_bn_batches=2)
+    config = cfg(max_epochs=1, lr=0.0, schedule="constant", precise_bn_batches=precise_bn_batches)
     Trainer(model, loader(x, y), loader(x, y, shuffle=False), config).fit()
     batches = list(loader(x, y, seed=config.seed))  # the epoch's order: the loop reseeds with seed + epoch
     recalibrate_bn(reference, batches[-2:], batches=2)
@@ -482,7 +487,7 @@ def test_fit_computes_backbone_features_once_without_augmentation(monkeypatch):
     assert sum(n for n, _ in seen) == 6 + 3 * 18 and not any(grad for _, grad in seen)  # val once; train every epoch
 
 
-@pytest.mark.parametrize("capability, expected", [("AVX512", True), ("AVX2", False), ("DEFAULT", False)])
+@pytest.mark.parametrize("capability, expected", [("AVX512", True), ("AVX2", True), ("DEFAULT", False), ("NO AVX", False)])
 def test_channels_last_where_it_trains_faster(monkeypatch, capability, expected):
     from effsk.utils.runtime import prefers_channels_last
 

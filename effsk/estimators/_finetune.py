@@ -87,7 +87,8 @@ freeze : {"auto", "none", "backbone", "bn"} or int, default="auto"
 head_epochs : int, default=1
     Epochs (out of ``max_epochs``) to train the head alone before unfreezing, when starting from
     pretrained weights (fastai's ``fine_tune``). Ignored with ``weights=None``,
-    ``freeze="backbone"`` and warm starts.""",
+    ``freeze="backbone"`` and warm starts. While the head trains alone, the frozen backbone's
+    features are computed without autograd, and only once when ``augment="none"``.""",
     "max_epochs": """\
 max_epochs : int, default=10
     Epochs in all, head epochs included.""",
@@ -414,8 +415,8 @@ def _as_batch(batch):
 
 
 class _LoaderView:
-    """A wrapper that passes a loader's length and attributes through (sampler, generator, batch_size:
-    the trainer seeds through them); subclasses change what iterating yields."""
+    """A loader seen through another lens; its length, sampler, generator and batch size are the
+    loader's (the trainer seeds and resumes through them)."""
 
     def __init__(self, loader):
         self.loader = loader

@@ -45,7 +45,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from ..utils.runtime import autocast, explain_oom, prefers_channels_last, resolve_device, resolve_precision
-from .config import AVERAGED_BN_VALUES, FREEZE_MODES, PRECISE_BN_VALUES, TrainConfig
+from .config import AVERAGED_BN_IMAGES, AVERAGED_BN_VALUES, FREEZE_MODES, PRECISE_BN_VALUES, TrainConfig
 from .model_ops import (
     BatchNormAverage,
     PooledHead,
@@ -186,6 +186,7 @@ class Trainer:
         if self.config.precise_bn_batches > 0 and self.ema is None:
             self._bn_average = BatchNormAverage(trained_batchnorms(self.module, self._held_names))
         self._bn_min_images: int | None = None  # images per precise-BN pass, once the first batch is seen
+        self._bn_window = self.config.precise_bn_batches  # the last batches of an epoch averaged on the fly
         forward = PooledHead(self.module) if self.head_only else self.module
         self.model = wrap_model(forward) if wrap_model is not None else forward
 
@@ -318,16 +319,18 @@ class Trainer:
         return self._bn_average is not None and self._bn_min_images == 0
 
     def _start_bn_average(self, inputs) -> bool:
-        """Start averaging BatchNorm statistics if this step begins the epoch's last
-        ``precise_bn_batches`` (a resumed epoch continues the average it had begun); the first batch
-        decides whether training batches are large enough to be averaged (see config.AVERAGED_BN_VALUES)."""
+        """Start averaging BatchNorm statistics if this step begins the epoch's last batches to
+        average (a resumed epoch continues the average it had begun). The first batch decides whether
+        training batches are large enough to be averaged, and how many (see config.AVERAGED_BN_VALUES
+        and AVERAGED_BN_IMAGES)."""
         if self._bn_min_images is None and isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
             positions = deepest_positions(self.module, *inputs.shape[-2:])
             averaged = inputs.shape[0] * positions >= AVERAGED_BN_VALUES
             self._bn_min_images = 0 if averaged else math.ceil(PRECISE_BN_VALUES / positions)
+            self._bn_window = min(self.config.precise_bn_batches, math.ceil(AVERAGED_BN_IMAGES / inputs.shape[0]))
         if not self._averages_bn:
             return False
-        start = self.steps_per_epoch - min(self.config.precise_bn_batches, self.steps_per_epoch)
+        start = self.steps_per_epoch - min(self._bn_window, self.steps_per_epoch)
         if self.step_in_epoch < start:
             return False
         self._bn_average.start(restart=self.step_in_epoch == start)

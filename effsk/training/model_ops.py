@@ -1,5 +1,6 @@
 """What the training loop does to a model besides optimiser steps: freezing, evaluation, precise
-BatchNorm statistics, top-k accuracy, device placement, the EMA's warm-up ramp."""
+BatchNorm statistics (recomputed, or averaged on the fly), backbone features and the head alone for
+head-only training, top-k accuracy, device placement, the EMA's warm-up ramp."""
 
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from sklearn.utils._param_validation import Interval, StrOptions, validate_param
 from torch import nn
 
 from ..data.datasets import TABLE_EXTENSIONS, LabelledImages, image_folder, image_table
+from ..data.gpu_decode import resolve_num_workers
 from ..data.images import make_loader
 from ..data.transforms import eval_transform, train_transform
 from ..scaling import SCALING_MODES, Scaling
@@ -314,11 +315,6 @@ def _cudnn_benchmark(device: torch.device):
         torch.backends.cudnn.benchmark = previous
 
 
-def _default_workers(env: distributed.DistEnv) -> int:
-    per_process = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
-    return min(8, per_process // 2)
-
-
 def _process_device(device, env: distributed.DistEnv, sync_bn: bool) -> torch.device:
     """This process's device: ``cuda:LOCAL_RANK`` under torchrun on GPUs."""
     device = resolve_device(device)
@@ -441,13 +437,14 @@ def pretrain(
         As :func:`effsk.utils.runtime.resolve_device` / :func:`~effsk.utils.runtime.resolve_precision` (``"auto"``:
         bf16/fp16 autocast on GPUs, fp32 on CPU). Under torchrun each process takes ``cuda:LOCAL_RANK``.
     channels_last : bool, optional
-        Default: on CUDA only.
+        Default: where it trains faster (:func:`effsk.utils.runtime.prefers_channels_last`).
     compile : bool, default=False
         ``torch.compile`` the training forward pass.
     sync_bn : bool, default=False
         Under torchrun on GPUs, use SyncBatchNorm (statistics over the global batch).
     num_workers : int, optional
-        DataLoader workers per process (default: half the cores per process, at most 8). With
+        DataLoader workers per process (default: as many as suit the machine, none on two cores or
+        fewer; see :func:`effsk.data.gpu_decode.resolve_num_workers`). With
         workers, a mid-epoch resume replays the same images but not the same random augmentations.
     seed : int
         Seeds initialisation, the validation split, shuffling and augmentation.
@@ -487,7 +484,7 @@ def pretrain(
     run = _RunSpec(
         recipe=recipe, batch_size=batch_size, per_rank_batch=batch_size // env.world_size,
         lr=recipe.lr_for(batch_size) if lr is None else float(lr), device=device, precision=precision,
-        channels_last=channels_last, num_workers=_default_workers(env) if num_workers is None else int(num_workers),
+        channels_last=channels_last, num_workers=resolve_num_workers("auto" if num_workers is None else num_workers, device),
         seed=int(seed), verbose=int(verbose), save_every_steps=save_every_steps, resuming=resuming,
         sources={"data": _describe(data), "val_data": _describe(val_data)},
     )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
-import math
 import os
 import time
 
@@ -24,8 +23,8 @@ STATE_FILE = "train_state.pt"
 RUN_FILE = "run.json"
 STATE_FORMAT = "effsk.pretrain-state"
 STATE_FORMAT_VERSION = 1
-# Redraw the curves after an epoch only if the last drawing is this old: drawing takes about a second,
-# which short epochs would otherwise pay every time (the run's end always draws them).
+# Draw the curves after an epoch only if the last drawing (or the run's start) is this old: drawing takes
+# about half a second, which short epochs would otherwise pay every time (the run's end always draws them).
 PLOT_EVERY_SECONDS = 60.0
 
 
@@ -58,7 +57,7 @@ class PretrainCallback(Callback):
     def __init__(self, files: RunFiles, signature: dict, env: distributed.DistEnv, save_every_steps: int | None):
         self.files, self.signature, self.env = files, signature, env
         self.save_every_steps = save_every_steps
-        self._plotted_at = -math.inf
+        self._plotted_at = time.monotonic()
 
     def on_validation_end(self, trainer, outputs, targets, record):
         record["val_top1"] = top_k_accuracy(outputs, targets, 1)

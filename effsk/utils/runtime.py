@@ -51,18 +51,19 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 # ATen CPU kernels (torch.backends.cpu.get_cpu_capability()) on which training in channels_last measured
-# faster than NCHW: b0 at 64 px trained 1.3-1.7x as fast on AVX-512 CPUs (Intel and AMD), 0.95x on an
-# AVX2 one.
-_CHANNELS_LAST_CPU_CAPABILITIES = ("AVX512",)
+# faster than NCHW (b0, 64 px, batch 32): 1.3-1.7x on AVX-512 CPUs; on an AMD EPYC AVX-512 box made an
+# AVX2 one (ATEN_CPU_CAPABILITY=avx2, and oneDNN too with ONEDNN_MAX_CPU_ISA=AVX2) 1.2-1.4x; on one
+# AVX2 machine 0.95x (issue 16). channels_last there costs 5%; NCHW elsewhere 20-40%.
+_CHANNELS_LAST_CPU_CAPABILITIES = ("AVX2", "AVX512")
 
 
 def prefers_channels_last(device: torch.device) -> bool:
     """Whether convolutional networks train faster on ``device`` in the channels_last memory format.
 
-    True on CUDA, and on CPUs whose ATen kernels are AVX-512 ones (``ATEN_CPU_CAPABILITY=avx2``
-    makes such a CPU an AVX2 one); False elsewhere. Decided from measurements per kind of device
-    rather than timed at run time: a timing on a loaded machine picks at random, and the two formats
-    round differently, so the same seed would not give the same model from one process to the next.
+    True on CUDA, and on x86 CPUs whose ATen kernels are AVX2 or AVX-512 ones; False elsewhere (MPS,
+    ARM, older x86: unmeasured, NCHW as before). Decided from measurements per kind of device rather
+    than timed at run time: a timing on a loaded machine picks at random, and the two formats round
+    differently, so the same seed would not give the same model from one process to the next.
 
     >>> prefers_channels_last(torch.device("cuda"))
     True
