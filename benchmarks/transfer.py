@@ -23,8 +23,10 @@ Rows per dataset, all with the same lite0 ImageNet weights (they ship offline in
    (``effsk.weights.build_model("lite0", "imagenet", num_classes=0)``). Rows 2 and 3 differ only in
    preprocessing and pipeline, not in the network.
 4. ``effsk fine-tune``: ``EfficientNetClassifier("lite0", resolution=R, max_epochs=E)`` with its
-   defaults (head-only first epoch, then everything at ``lr``; light augmentation; 10% held out for
-   early stopping). Its per-epoch ``history_`` is reported to show the head/train phase boundary.
+   defaults (head-only first epoch, then everything, the backbone at 0.3 times the head's ``lr``
+   after a one-epoch warm-up with its BatchNorm statistics kept as loaded; no augmentation; 10%
+   held out for early stopping). Its per-epoch ``history_`` is reported to show the head/train
+   phase boundary.
 5. ``plain fine-tune``: a textbook torch loop on the same network and the no-crop preprocessing of
    row 3, with a fresh ``nn.Linear`` head (PyTorch's default init): AdamW (backbone 1e-4, head 1e-3,
    weight decay 0.01), per-step cosine, label smoothing 0.1, batch 32, E epochs, no augmentation, all

@@ -6,8 +6,9 @@ freezing strategies, starting from EfficientNet-Lite0's ImageNet weights (offlin
 - ``freeze="backbone"``: only the new classification head trains; the ImageNet features (and their
   BatchNorm statistics) stay fixed. Cheap: the backward pass stops at the head.
 - ``freeze="auto"`` (the default): the head trains alone for ``head_epochs=1`` epoch, then the
-  whole network is unfrozen and fine-tuned (fastai's ``fine_tune`` schedule). Slower per epoch,
-  and it adapts the features to the task.
+  whole network is unfrozen and fine-tuned (fastai's ``fine_tune`` schedule), the pretrained
+  layers at 0.3 times the head's learning rate after a warm-up, their BatchNorm statistics kept as
+  loaded. Slower per epoch, and it adapts the features to the task.
 
 Each fit holds out 10% of its training images for early stopping and keeps the best epoch's
 weights. The script prints the test accuracy, the fit time and the per-epoch ``history_``

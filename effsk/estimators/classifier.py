@@ -80,7 +80,7 @@ class EfficientNetClassifier(ClassifierMixin, FineTuneEstimator):
         optimizer="adamw",
         weight_decay=0.01,
         label_smoothing=0.1,
-        augment="light",
+        augment="auto",
         drop_rate=None,
         drop_path_rate=None,
         validation_fraction=0.1,

@@ -56,6 +56,12 @@ class TrainConfig:
     lr, weight_decay, momentum, betas, rmsprop_decay, eps
         Optimiser settings; weight decay skips biases and norm parameters. ``eps=None`` uses 1e-8 for
         AdamW and the TF value 1e-3 for RMSProp.
+    backbone_lr_scale, layer_decay : float
+        Learning rate of everything but the head (``model.get_classifier()``) relative to ``lr``, and
+        its decay per block down a ``features`` sequence towards the stem (block ``i`` of ``n``:
+        ``lr * backbone_lr_scale * layer_decay ** (n - 1 - i)``; see
+        :func:`effsk.training.optim.layerwise_lr_scale`). Fine-tuning a pretrained network moves
+        the lower layers less. Warm-up and schedule scale every group alike.
     schedule : {"cosine", "step", "constant"}
         Per-step learning-rate schedule after ``warmup_epochs`` of linear warm-up. ``"cosine"`` decays
         to ``min_lr`` at ``max_epochs``; ``"step"`` multiplies by ``decay_rate`` every
@@ -113,6 +119,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     rmsprop_decay: float = 0.9
     eps: float | None = None
+    backbone_lr_scale: float = 1.0
+    layer_decay: float = 1.0
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
@@ -145,6 +153,10 @@ class TrainConfig:
             raise ValueError(f"schedule={self.schedule!r}; use one of {SCHEDULES}")
         if self.monitor not in MONITORS:
             raise ValueError(f"monitor={self.monitor!r}; use one of {MONITORS}")
+        if not (self.backbone_lr_scale >= 0 and 0 < self.layer_decay <= 1):
+            raise ValueError(
+                f"need backbone_lr_scale >= 0 and 0 < layer_decay <= 1, got {self.backbone_lr_scale}, {self.layer_decay}"
+            )
         if self.precise_bn_batches < 0:
             raise ValueError(f"precise_bn_batches={self.precise_bn_batches} must be >= 0")
         if self.max_epochs < 0 or self.patience < 1:

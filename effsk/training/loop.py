@@ -58,7 +58,7 @@ from .model_ops import (
     top_k_accuracy,
     trained_batchnorms,
 )
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, layerwise_lr_scale
 
 __all__ = ["Callback", "Trainer"]
 
@@ -199,6 +199,7 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.module, config.optimizer, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum,
             betas=tuple(config.betas), rmsprop_decay=config.rmsprop_decay, eps=config.eps,
+            lr_scale=layerwise_lr_scale(self.module, config.backbone_lr_scale, config.layer_decay),
         )
         self.scheduler = build_scheduler(
             self.optimizer, config.schedule, steps_per_epoch=self.steps_per_epoch, epochs=config.max_epochs,

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "RMSpropTF", "parameter_groups", "build_optimizer", "LRSchedule", "build_scheduler"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "RMSpropTF", "parameter_groups", "layerwise_lr_scale", "build_optimizer", "LRSchedule", "build_scheduler"]
 
 OPTIMIZERS = ("adamw", "sgd", "rmsprop")
 SCHEDULES = ("cosine", "step", "constant")
@@ -60,15 +61,59 @@ class RMSpropTF(torch.optim.Optimizer):
         return loss
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two groups: weight decay on weights, none on biases and norm
-    parameters (every 1-D tensor), as the TF reference excludes batch norm from its L2 term."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def parameter_groups(model: nn.Module, weight_decay: float, lr_scale: Callable[[str], float] | None = None) -> list[dict]:
+    """Trainable parameters grouped by weight decay and learning-rate scale.
+
+    Weight decay applies to weights, not to biases and norm parameters (every 1-D tensor), as the TF
+    reference excludes batch norm from its L2 term. ``lr_scale(name)`` (default: 1 for all) gives the
+    factor on the learning rate of the parameter called ``name``; it is stored in each group as
+    ``"lr_scale"``. Groups come in order of decreasing scale, decayed before not decayed.
+
+    >>> [(len(g["params"]), g["weight_decay"], g["lr_scale"]) for g in parameter_groups(nn.Linear(3, 2), 0.1)]
+    [(1, 0.1, 1.0), (1, 0.0, 1.0)]
+    """
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            scale = 1.0 if lr_scale is None else float(lr_scale(name))
+            groups.setdefault((scale, p.ndim > 1), []).append(p)
+    return [
+        {"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
+        for (scale, decayed), params in sorted(groups.items(), key=lambda item: (-item[0][0], not item[0][1]))
+    ]
+
+
+def layerwise_lr_scale(model: nn.Module, backbone_scale: float = 1.0, layer_decay: float = 1.0) -> Callable[[str], float]:
+    """``lr_scale`` for :func:`parameter_groups`: 1 for the head, less for the layers below it.
+
+    The head is ``model.get_classifier()`` (or ``model.classifier``). With a ``features`` sequence
+    (stem, stages, final convolution: torchvision's and effsk's EfficientNet layout), block ``i`` of
+    ``n`` gets ``backbone_scale * layer_decay ** (n - 1 - i)``: the top block ``backbone_scale``, the stem
+    the least (layer-wise learning-rate decay, as BEiT and timm's ``layer_decay``). Every other
+    parameter gets ``backbone_scale``.
+
+    >>> from torchvision.models import efficientnet_b0
+    >>> scale = layerwise_lr_scale(efficientnet_b0(), backbone_scale=0.1, layer_decay=0.5)
+    >>> scale("classifier.1.weight"), scale("features.8.0.weight"), scale("features.6.0.block.0.0.weight")
+    (1.0, 0.1, 0.025)
+    """
+    get_head = getattr(model, "get_classifier", None)
+    head = get_head() if get_head is not None else getattr(model, "classifier", None)
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    named = dict(model.named_parameters())
+    features = getattr(model, "features", None)
+    depth = {}
+    if isinstance(features, nn.Sequential):
+        for i, block in enumerate(features):
+            depth.update({id(p): len(features) - 1 - i for p in block.parameters()})
+
+    def scale(name: str) -> float:
+        p = named[name]
+        if id(p) in head_params:
+            return 1.0
+        return backbone_scale * layer_decay ** depth.get(id(p), 0)
+
+    return scale
 
 
 def build_optimizer(
@@ -81,10 +126,13 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     rmsprop_decay: float = 0.9,
     eps: float | None = None,
+    lr_scale: Callable[[str], float] | None = None,
 ) -> torch.optim.Optimizer:
     """An optimiser over ``model``'s trainable parameters.
 
     ``eps=None`` takes the optimiser's customary value: 1e-8 for AdamW, 1e-3 (TF) for RMSProp.
+    ``lr_scale`` (see :func:`parameter_groups`, :func:`layerwise_lr_scale`): each group's learning
+    rate is ``lr * lr_scale(name)``; schedules then scale every group's rate by the same factor.
 
     >>> opt = build_optimizer(nn.Linear(3, 2), "rmsprop", lr=0.016)
     >>> type(opt).__name__, opt.defaults["eps"]
@@ -92,9 +140,11 @@ def build_optimizer(
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer={name!r}; use one of {OPTIMIZERS}")
-    groups = parameter_groups(model, weight_decay)
+    groups = parameter_groups(model, weight_decay, lr_scale)
     if not groups:
         raise ValueError("the model has no trainable parameters (everything is frozen)")
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
     eps = _DEFAULT_EPS.get(name) if eps is None else eps
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
