@@ -145,7 +145,8 @@ def check_fine_tuning(ns, printed, directory):
     accuracy = _printed_number("fine-tuned accuracy", printed)
     assert accuracy == pytest.approx(ns["clf"].score(ns["X_test"], ns["y_test"]), abs=5e-4)
     assert accuracy > _chance(ns["y_train"], ns["y_test"]) + 0.3
-    assert [r["phase"] for r in ns["clf"].history_] == ["head", "train"]
+    phases = [r["phase"] for r in ns["clf"].history_]  # one record per epoch: the head alone, then every layer
+    assert phases[0] == "head" and len(phases) >= 2 and set(phases[1:]) == {"train"}
 
 
 def check_pretraining(ns, printed, directory):
