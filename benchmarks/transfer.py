@@ -253,7 +253,8 @@ def _accuracy_of_row(row: str, task: Task, args) -> tuple[float | dict[str, floa
         probe = _linear_probe().fit(_flat_pixels(task.X_train), task.y_train)
         return probe.score(_flat_pixels(task.X_test), task.y_test), []
     if row == "effsk featurizer":
-        pipe = make_pipeline(EfficientNetFeaturizer(PHI, resolution=args.resolution, device=args.device),
+        pipe = make_pipeline(EfficientNetFeaturizer(PHI, resolution=args.resolution, device=args.device,
+                                                    precision=args.precision),
                              StandardScaler(), LogisticRegression(max_iter=2000))
         return pipe.fit(task.X_train, task.y_train).score(task.X_test, task.y_test), []
     if row == "hand features":
@@ -264,7 +265,7 @@ def _accuracy_of_row(row: str, task: Task, args) -> tuple[float | dict[str, floa
         return _linear_probe().fit(train, task.y_train).score(test, task.y_test), []
     if row == "effsk fine-tune":
         clf = EfficientNetClassifier(PHI, resolution=args.resolution, max_epochs=args.epochs, device=args.device,
-                                     random_state=SEED)
+                                     precision=args.precision, random_state=SEED)
         accuracy = clf.fit(task.X_train, task.y_train).score(task.X_test, task.y_test)
         keys = ("epoch", "phase", "train_loss", "val_loss", "val_score", "lr")
         return accuracy, [{k: record.get(k) for k in keys} for record in clf.history_]
@@ -361,6 +362,7 @@ def parse_args(argv=None):
     p.add_argument("--head-lr", type=float, default=1e-3, help="plain fine-tune: head lr")
     p.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (effsk's precision='auto' is bf16 on GPU)")
+    p.add_argument("--precision", default="auto", help="effsk rows' precision (auto, fp32, bf16, fp16)")
     p.add_argument("--out", help="write transfer.csv, transfer_history.csv and transfer.md here")
     p.add_argument("--quick", action="store_true", help="smoke run: 150/100 images, 32 px, 2 epochs")
     args = p.parse_args(argv)

@@ -180,7 +180,7 @@ def test_featurizer_crop_reaches_preprocessing_features_and_cache_key(tmp_path, 
     assert EfficientNetFeaturizer("b0", weights=None).crop == "auto"
     features = {}
     for crop in ("letterbox", "center"):
-        featurizer = EfficientNetFeaturizer("b0", weights=None, resolution=CROP, crop=crop, memory=str(tmp_path))
+        featurizer = EfficientNetFeaturizer("b0", weights=None, resolution=CROP, crop=crop, precision="fp32", memory=str(tmp_path))
         featurizer.fit()
         assert featurizer.preprocessing_.crop == crop
         features[crop] = featurizer.transform(X)

@@ -84,7 +84,7 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
     {crop}
     {batch_size}
     {device}
-    {precision}
+    {featurizer_precision}
     {num_workers}
     memory : str, path or joblib.Memory, optional
         Where to cache feature rows per image, keyed on image content and everything that changes
@@ -115,6 +115,7 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
     ['effsk_b0_avg_0', 'effsk_b0_avg_1']
     """
 
+    _cpu_bf16 = True  # precision="auto" takes native bf16 on CPU: faster, same transfer accuracy (issue 16)
     _parameter_constraints: dict = {
         **MODEL_PARAMETER_CONSTRAINTS,
         "pooling": [StrOptions(set(POOLINGS))],

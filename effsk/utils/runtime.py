@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-__all__ = ["resolve_device", "resolve_precision", "prefers_channels_last", "autocast", "forked_rng", "explain_oom"]
+__all__ = ["resolve_device", "resolve_precision", "native_cpu_bf16", "prefers_channels_last", "autocast", "forked_rng", "explain_oom"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -31,22 +31,35 @@ def resolve_device(device="auto") -> torch.device:
     return dev
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX) and ATen runs its AVX-512 kernels.
+
+    False wherever ``ATEN_CPU_CAPABILITY`` caps the kernels below AVX-512, and on torch builds that
+    cannot tell (the probes are private: their absence means "no").
+    """
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe is not None and probe() for probe in probes)
+
+
+def resolve_precision(precision: str, device: torch.device, *, cpu_bf16: bool = False) -> torch.dtype | None:
     """Autocast dtype for ``precision`` on ``device``; ``None`` means plain fp32.
 
-    ``"auto"``: bf16 on GPUs that support it, else fp16; fp32 on CPU. On CPUs with native bf16
-    (AVX512-BF16, AMX) bf16 autocast was measured (b0, 64-128 px, channels_last) to train 0.5-0.7x as
-    fast as fp32, and to predict 1.3-2x as fast but about 1% off fp32 outputs, so ``"auto"`` keeps
-    fp32 there; ask for ``"bf16"`` to trade that accuracy for speed when predicting.
+    ``"auto"``: bf16 on GPUs that support it, else fp16. On CPU fp32, unless ``cpu_bf16`` (the
+    caller's work gains from it) and the CPU has native bf16 (:func:`native_cpu_bf16`): then bf16.
+    Measured on an AVX512-BF16 CPU (benchmarks/README.md, issue 16): feature extraction runs 1.3x as
+    fast in bf16 (b0, 64 px) with transfer accuracy within noise of fp32, so the featurizer asks for
+    it; training ran no faster and lost 1.6 points on one transfer task, so training stays fp32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; use one of {PRECISIONS}")
     if precision == "fp32":
         return None
     if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_bf16 and device.type == "cpu" and native_cpu_bf16() else None
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
