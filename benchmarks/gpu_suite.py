@@ -10,9 +10,12 @@ on the CPU; the reference row of each section is torchvision's):
   torchvision's features before it is timed.
 * ``featurize JPEG files``: about 2,000 JPEG photo crops of several sizes written to a temporary folder,
   end to end to pooled features with B0@224: torchvision's textbook pipeline (``decode_jpeg`` and
-  ``transforms.v2`` in DataLoader workers), ``EfficientNetFeaturizer.transform`` (CPU decoding in
-  workers), and effsk's GPU-fed pipeline (:func:`effsk.data.gpu_decode.make_device_loader`: nvJPEG
-  decoding and resize/crop/normalise on the device). Workers: ``resolve_num_workers("auto")``.
+  ``transforms.v2`` in DataLoader workers), ``EfficientNetFeaturizer.transform`` with ``decode="cpu"``
+  (decoding in workers) and with its default ``decode="auto"`` (on CUDA: nvJPEG decoding and
+  resize/crop/normalise on the device), and that GPU-fed pipeline without the estimator
+  (:func:`effsk.data.gpu_decode.make_device_loader` + the inference copy). ``--compile`` adds the
+  featurizer with ``backend="compile"`` (its compilation, in the untimed warm-up pass, is in the note).
+  Workers: ``resolve_num_workers("auto")``.
 * ``fine-tune``: training images/s of B0@224 from uint8 arrays, a plain torchvision AMP loop against
   ``EfficientNetClassifier.fit`` (same data, transform, optimiser, batch, workers); the second epoch
   is timed (the first pays for warm-up), training steps only.
@@ -51,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # featurize.py's helpers, however this file is loaded
 
-from effsk.data.gpu_decode import make_device_loader, resolve_num_workers  # noqa: E402
+from effsk.data.gpu_decode import make_device_loader, resolve_decode, resolve_num_workers  # noqa: E402
 from effsk.data.preprocessing import default_preprocessing  # noqa: E402
 from effsk.nn import efficientnet  # noqa: E402
 from effsk.nn.inference import optimize_for_inference  # noqa: E402
@@ -130,6 +133,7 @@ class Suite:
     out: Path
     header: str = ""
     rows: list = field(default_factory=list)
+    compile: bool = False  # add the featurizer's backend="compile" row
 
     @property
     def precision(self) -> str:
@@ -312,11 +316,17 @@ def featurize_jpeg_files(suite: Suite, spec: Spec, paths: list[str]) -> None:
         one_pass = lambda: _forward_all(features, (x.to(suite.device, non_blocking=True) for x in loader))  # noqa: E731
         return suite.images_per_second(one_pass, len(paths)), f"{suite.workers} workers"
 
-    def featurizer_row():
+    def featurizer_row(decode, backend="eager"):
         featurizer = EfficientNetFeaturizer(spec.phi, weights=None, resolution=spec.resolution, batch_size=spec.batch,
-                                            device=str(suite.device), precision="auto", num_workers=suite.workers)
+                                            device=str(suite.device), precision="auto", num_workers=suite.workers,
+                                            decode=decode, backend=backend)
         featurizer.fit()
-        return suite.images_per_second(lambda: featurizer.transform(paths), len(paths)), f"{suite.workers} workers"
+        started = time.perf_counter()
+        featurizer.transform(paths[: spec.batch])  # compiles for backend="compile"
+        first_s = time.perf_counter() - started
+        rate = suite.images_per_second(lambda: featurizer.transform(paths), len(paths))
+        note = f"decode={decode!r} -> {resolve_decode(decode, suite.device)}, {suite.workers} workers"
+        return rate, note + (f", first batch (compiling) {first_s:.0f} s" if backend == "compile" else "")
 
     def gpu_decode_row():
         fast = optimize_for_inference(_torchvision_and_effsk(spec.phi)[1], device=suite.device, dtype=suite.dtype)
@@ -326,8 +336,12 @@ def featurize_jpeg_files(suite: Suite, spec: Spec, paths: list[str]) -> None:
         return suite.images_per_second(one_pass, len(paths)), f"{decoder}, {suite.workers} workers"
 
     suite.run(JPEG, spec, "torchvision decode + v2 in workers, " + TORCHVISION, torchvision_row)
-    suite.run(JPEG, spec, "effsk EfficientNetFeaturizer.transform", featurizer_row)
+    suite.run(JPEG, spec, "effsk EfficientNetFeaturizer.transform, decode='cpu'", lambda: featurizer_row("cpu"))
+    suite.run(JPEG, spec, "effsk EfficientNetFeaturizer.transform, decode='auto'", lambda: featurizer_row("auto"))
     suite.run(JPEG, spec, "effsk make_device_loader + optimize_for_inference", gpu_decode_row)
+    if suite.compile:
+        suite.run(JPEG, spec, "effsk EfficientNetFeaturizer.transform, decode='auto', backend='compile'",
+                  lambda: featurizer_row("auto", "compile"))
 
 
 class _Arrays(Dataset):
@@ -443,12 +457,15 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=200.0,
                         help="start no row after this many seconds (gpu-check stops the script at 300 s)")
     parser.add_argument("--workers", default="auto", help="DataLoader workers for the file and fine-tune rows")
+    parser.add_argument("--compile", action="store_true",
+                        help="add the featurizer with backend='compile' to the JPEG rows (a minute of compiling)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     device = resolve_device(args.device)
     sizes = SMOKE if args.smoke else FULL
     workers = resolve_num_workers(args.workers if args.workers == "auto" else int(args.workers), device)
-    suite = Suite(device, resolve_precision("auto", device), sizes, workers, started + args.budget_s, Path(args.out))
+    suite = Suite(device, resolve_precision("auto", device), sizes, workers, started + args.budget_s, Path(args.out),
+                  compile=args.compile)
     suite.header = f"effsk GPU suite ({'smoke' if args.smoke else 'full'}): {machine_line(suite)}"
     print(suite.header, flush=True)
     for spec in sizes.tensors:

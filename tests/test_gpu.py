@@ -2,7 +2,8 @@
 
 Run on a GPU machine by ``gpu-check`` (240 s limit; budget for this file < 200 s on one H100/H200):
 featurizer parity with the CPU (fp32, TF32 off) and reduced-precision agreement on real photos; JPEGs
-decoded and preprocessed on the GPU against the CPU path; flat memory over repeated calls; out-of-memory
+decoded and preprocessed on the GPU against the CPU path, also through the featurizer with
+``decode="device"`` and ``backend="compile"``; flat memory over repeated calls; out-of-memory
 messages that name the batch size; a classifier fitted on the GPU with AMP, pickled and used where
 there is no GPU; ``effsk pretrain`` with AMP, channels_last, EMA and ``--compile``, killed and resumed,
 and under torchrun with NCCL. The slow subprocesses (compilation, torchrun) start with the first test
@@ -21,18 +22,22 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
+from fitted_state import measure_batchnorm
 from synthetic import randomise_batchnorm, tinted_images
 
 from effsk import EfficientNetClassifier, EfficientNetFeaturizer
 from effsk.data import gpu_decode
-from effsk.data.images import make_loader
+from effsk.data.images import ImageLoadWarning, make_loader
 from effsk.data.preprocessing import Preprocessing
+from effsk.data.transforms import eval_transform
+from effsk.scaling import Scaling
 from effsk.utils.runtime import resolve_precision
 from effsk.weights import build_model
 from effsk.weights.checkpoint import load_checkpoint
@@ -65,11 +70,11 @@ def photo_crops(n, seed=0, smallest=0.3):
     return crops
 
 
-def jpeg_bytes(array, **save):
+def jpeg_bytes(array, quality=90, **save):
     import io
 
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=90, **save)
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality, **save)
     return buffer.getvalue()
 
 
@@ -87,6 +92,10 @@ def no_tf32():
 def max_rel_diff(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def median_rel_l2(a, b) -> float:
+    return float(np.median(np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)))
 
 
 def lite0_or_skip():
@@ -348,6 +357,41 @@ def test_device_loader_on_cuda_matches_the_cpu_pipeline(tmp_path):
     per_image = (got[good] - expected[good]).abs().mean(dim=(1, 2, 3)) * 255 * 0.226  # ~ pixel levels
     MEASURED["device_loader_vs_cpu_mean_abs_levels"] = dict(worst=per_image.max().item(), mean=per_image.mean().item())
     assert per_image.max() < 4.0, per_image
+
+
+def test_featurizer_decoding_on_the_gpu_and_compiled_matches_the_cpu(tmp_path):
+    """decode="device" + backend="compile" (CUDA graphs) on cuda, fp32, a small EfficientNet (B0 compiles for a
+    minute): on the GPU-preprocessed batches, the eager CPU network within 1e-4 (as above); against the CPU
+    pipeline, closer than a JPEG re-encode at quality 75 and each row nearest its own image."""
+    crops = photo_crops(38, seed=8)
+    Image.fromarray(crops[37]).save(tmp_path / "a.png")
+    X = [*(jpeg_bytes(c) for c in crops[:36]), crops[36], str(tmp_path / "a.png"), b"\xff\xd8\xff\xe0 broken"]
+    small = Scaling(name=None, phi=0.0, mode="compound", width=0.25, depth=0.1, resolution=96, dropout=0.0)
+    featurizer = EfficientNetFeaturizer(small, weights=None, precision="fp32", device="cpu", batch_size=16,
+                                        layers=[3, -1], decode="cpu", on_error="nan").fit()
+    photos = eval_transform(featurizer.preprocessing_).batch([torch.from_numpy(c).permute(2, 0, 1) for c in crops])
+    measure_batchnorm(featurizer.model_, photos)  # statistics of photos: features that depend on the image
+    with pytest.warns(ImageLoadWarning, match=r"image 38: "):
+        on_cpu = featurizer.transform(X)[:-1]
+    featurizer.set_params(device="cuda", decode="device", backend="compile")
+    with no_tf32(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = [featurizer.transform(X) for _ in range(3)]  # CUDA graphs: warm-up, recording, replay
+    assert not [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
+    runner, on_gpu = featurizer._prepared_inference()[0], runs[-1][:-1]
+    assert runner.compiled and not runner.failed and runner.options["triton.cudagraphs"]
+    assert all(np.isnan(run[-1]).all() and max_rel_diff(run[:-1], on_gpu) < 1e-5 for run in runs)  # replays: own rows
+    loader = gpu_decode.make_device_loader(X[:-1], featurizer.preprocessing_, device="cuda", batch_size=16)
+    with torch.no_grad():  # the fitted, unfolded network, eagerly on the CPU, on the GPU's preprocessed batches
+        maps = featurizer.model_.forward_intermediates(torch.cat([images.cpu() for images, _ in loader]), [3, 8])
+    featurizer.set_params(device="cpu", decode="cpu", backend="eager")
+    requantised = featurizer.transform([jpeg_bytes(c, quality=75) for c in crops[:36]])
+    found = MEASURED["featurizer_device_decode_compile_vs_cpu"] = dict(
+        same_input_max_rel=max_rel_diff(on_gpu, torch.cat([m.mean((2, 3)) for m in maps], 1)),
+        decoders_rel_l2=median_rel_l2(on_gpu[:36], on_cpu[:36]), q75_rel_l2=median_rel_l2(requantised, on_cpu[:36]))
+    assert found["same_input_max_rel"] < 1e-4 and found["decoders_rel_l2"] < found["q75_rel_l2"], found
+    distances = np.linalg.norm(on_gpu[:, None] - on_cpu[None], axis=2)
+    assert (distances.argmin(axis=1) == np.arange(len(X) - 1)).all()
 
 
 # -- memory ----------------------------------------------------------------------------------------

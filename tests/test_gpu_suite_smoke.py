@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.py"
-SECTIONS = {"featurize tensors": 9, "featurize JPEG files": 3, "fine-tune": 2}  # rows per section
+SECTIONS = {"featurize tensors": 9, "featurize JPEG files": 4, "fine-tune": 2}  # rows per section
 
 
 def run_suite(out, *extra):
@@ -50,7 +50,9 @@ def test_smoke_run_writes_every_row(tmp_path):
     assert len(checks) == 3 and all(n.startswith("fp32 features vs torchvision: max rel diff") for n in checks)
     table = (tmp_path / "gpu_suite.md").read_text()
     assert table.count("\n| featurize tensors |") == 9 and table in run.stdout
-    assert "14 rows, 0 failed" in run.stdout
+    jpeg_notes = [r["note"] for r in rows if r["row"].startswith("effsk EfficientNetFeaturizer")]
+    assert [note.split(",")[0] for note in jpeg_notes] == ["decode='cpu' -> cpu", "decode='auto' -> cpu"], jpeg_notes
+    assert "15 rows, 0 failed" in run.stdout
 
 
 def test_a_failing_row_is_reported_and_fails_the_exit_code(suite_module, tmp_path, monkeypatch, capsys):

@@ -10,7 +10,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from effsk.nn import EfficientNet, efficientnet
-from effsk.nn.inference import _CompiledStages, fold_batchnorm, optimize_for_inference
+from effsk.nn.inference import CompiledOrEager, _CompiledStages, fold_batchnorm, optimize_for_inference
 
 SIZE = 64
 
@@ -132,24 +132,26 @@ def test_compile_backend_intermediates_run_the_eager_stages(models, monkeypatch)
     assert type(fast.features[:2]) is nn.Sequential
 
 
-def test_compile_backend_reports_bad_input_not_compiler(models):
+def test_compile_backend_reports_bad_input_not_compiler(models, monkeypatch):
     _, ours, _, _ = models
     fast = optimize_for_inference(ours, device="cpu", backend="compile")
 
     def compiled_that_fails(x):
         raise RuntimeError("compiler blew up")
 
-    fast.features._compiled = compiled_that_fails
+    monkeypatch.setattr(torch, "compile", lambda function, **options: compiled_that_fails)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="expected input.*3 channels"):
         fast.forward_features(torch.randn(1, 5, SIZE, SIZE))
-    assert not fast.features._failed
+    assert not fast.features._runner.failed
 
 
 def test_optimised_copy_pickles(models):
     _, ours, x, _ = models
     fast = optimize_for_inference(ours, device="cpu", backend="compile")
-    fast.features._compiled = object()  # stands in for a compiled callable, which does not pickle
+    fast.features._runner = CompiledOrEager(fast.features._eager)
+    fast.features._runner.compiled = object()  # stands in for a compiled callable, which does not pickle
     restored = pickle.loads(pickle.dumps(fast))
-    assert restored.features._compiled is None
+    runner = restored.features._runner
+    assert runner.compiled is None and runner.function.__self__ is restored.features  # rebound to the copy
     with torch.inference_mode():
         assert torch.equal(restored.features[0](x), fast.features[0](x))

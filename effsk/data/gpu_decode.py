@@ -14,7 +14,8 @@ images, CMYK JPEGs, JPEGs whose EXIF orientation is not the identity, images abo
 any JPEG the device decoder rejects. On a device without nvJPEG (the CPU) the same code runs with
 libjpeg-turbo, so it is tested everywhere.
 
-:func:`resolve_num_workers` turns ``num_workers="auto"`` into a worker count that suits the machine.
+:func:`resolve_num_workers` turns ``num_workers="auto"`` into a worker count that suits the machine, and
+:func:`resolve_decode` ``decode="auto"`` into the decoder an estimator uses.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ except ImportError:  # a torchvision without its image decoders (deprecated sinc
 
 __all__ = [
     "MAX_AUTO_WORKERS",
+    "DECODERS",
     "resolve_num_workers",
+    "resolve_decode",
     "device_decodable",
     "decode_on_device",
     "preprocess_on_device",
@@ -48,6 +51,8 @@ __all__ = [
     "make_device_loader",
 ]
 
+#: Where the estimators' ``decode`` parameter decodes JPEGs: ``"auto"`` resolves to one of the others.
+DECODERS = ("auto", "cpu", "device")
 #: Upper bound of ``num_workers="auto"``: reading files and parsing headers is cheap, and each worker
 #: costs a process and its memory.
 MAX_AUTO_WORKERS = 8
@@ -104,6 +109,25 @@ def resolve_num_workers(num_workers="auto", device="cpu", *, cores: int | None =
     if device_type in ("cuda", "mps"):
         return min(MAX_AUTO_WORKERS, cores - 1)
     return 1
+
+
+def resolve_decode(decode="auto", device="cpu") -> str:
+    """``"cpu"`` (decode and preprocess in DataLoader workers, :func:`effsk.data.images.make_loader`) or
+    ``"device"`` (:func:`make_device_loader`) for ``decode``; ``"auto"`` is ``"device"`` on NVIDIA CUDA
+    when torchvision's ``decode_jpeg`` is there (nvJPEG), else ``"cpu"``: on a CPU the device path would
+    only move JPEG decoding from the workers into the main process, and ROCm has no nvJPEG (every JPEG
+    would fall back to the CPU, one by one, in the main process).
+
+    >>> resolve_decode("auto", "cpu"), resolve_decode("device", "cpu"), resolve_decode("cpu", "cuda")
+    ('cpu', 'device', 'cpu')
+    """
+    if decode not in DECODERS:
+        raise ValueError(f"decode={decode!r} is not valid; use one of {DECODERS}.")
+    if decode != "auto":
+        return decode
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    nvidia = device_type == "cuda" and getattr(torch.version, "hip", None) is None
+    return "device" if nvidia and decode_jpeg is not None else "cpu"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,13 +344,16 @@ def make_device_loader(
     on_error: str = "raise",
     indices=None,
     return_errors: bool = False,
+    pin_memory: bool | None = None,
 ) -> DeviceDecodeLoader:
     """A streaming loader over ``X`` whose JPEGs are decoded and every image preprocessed on ``device``.
 
     The drop-in counterpart of :func:`effsk.data.images.make_loader` for inference with the eval
     transform: same ``X``, same batches, same ``(images, indices[, errors])``, but ``images`` already
     lies on ``device``. Workers (``num_workers``, ``"auto"`` as :func:`resolve_num_workers`) read files,
-    parse JPEG headers and decode on the CPU whatever the device decoder does not take.
+    parse JPEG headers and decode on the CPU whatever the device decoder does not take. Batches come in
+    pinned memory when ``pin_memory`` (default: on CUDA), so that the copies of CPU-decoded pixels to the
+    device do not block.
 
     Examples
     --------
@@ -344,5 +371,6 @@ def make_device_loader(
         batch_size=batch_size,
         num_workers=resolve_num_workers(num_workers, device),
         collate_fn=_collate,
+        pin_memory=device.type == "cuda" if pin_memory is None else pin_memory,
     )
     return DeviceDecodeLoader(loader, preprocessing, device, on_error=on_error, return_errors=return_errors)

@@ -4,9 +4,11 @@ building, device and precision, and the one inference path (a prepared copy of `
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 import weakref
+from collections.abc import Callable, Hashable
 from dataclasses import replace
 from numbers import Integral, Real
 
@@ -15,10 +17,10 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from ..data.gpu_decode import resolve_num_workers
+from ..data.gpu_decode import make_device_loader, resolve_decode, resolve_num_workers
 from ..data.images import make_loader
 from ..data.preprocessing import CROP_POLICIES, Preprocessing
-from ..nn.inference import optimize_for_inference
+from ..nn.inference import CompiledOrEager, compile_options, optimize_for_inference
 from ..nn.registry import ARCHITECTURES
 from ..utils.runtime import PRECISIONS, autocast, explain_oom, resolve_device, resolve_precision
 from ..scaling import SCALING_MODES, Scaling
@@ -36,6 +38,7 @@ __all__ = [
     "resolve_runtime",
     "derived_from_model",
     "prepared_model",
+    "compiled_inference",
     "PreparedInferenceMixin",
 ]
 
@@ -234,16 +237,49 @@ def derived_from_model(model: torch.nn.Module, slot: str, key, compute):
     return entry[2]
 
 
+def _inference_copy(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
+    return optimize_for_inference(model, device=device, dtype=dtype, channels_last=True, fold_bn=True)
+
+
 def prepared_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
     """The inference copy of a fitted ``model``: frozen, eval mode, BatchNorm folded into the
     convolutions, channels_last, weights in ``dtype`` (the autocast dtype; ``None`` = fp32) on
     ``device``. ``model`` itself is left untouched; the copy is cached until its weights change."""
-    return derived_from_model(
-        model,
-        "inference",
-        (str(device), dtype),
-        lambda m: optimize_for_inference(m, device=device, dtype=dtype, channels_last=True, fold_bn=True),
-    )
+    return derived_from_model(model, "inference", (str(device), dtype), lambda m: _inference_copy(m, device, dtype))
+
+
+def compiled_inference(
+    model: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    outputs: Callable,
+    key: Hashable,
+    *,
+    what: str,
+) -> CompiledOrEager:
+    """``images -> outputs(inference copy of model, images)`` through ``torch.compile``, eager (with a
+    warning naming ``what``) where compiling fails; the copy is :func:`prepared_model`'s.
+
+    On CUDA the compiled forward replays as a CUDA graph (see :func:`effsk.nn.inference.compile_options`),
+    so each call's output is only valid until the next call: consume it first. ``outputs`` must hold
+    nothing of an estimator and ``key`` say everything it depends on: the function is cached beside
+    ``model`` in :func:`prepared_model`'s slot (one device copy at a time), never in an estimator's state.
+    """
+
+    def build(m: torch.nn.Module) -> CompiledOrEager:
+        copy_ = _inference_copy(m, device, dtype)
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            return outputs(copy_, images)
+
+        return CompiledOrEager(forward, options=compile_options(device, cudagraphs=True), what=what)
+
+    return derived_from_model(model, "inference", (str(device), dtype, "compile", key), build)
+
+
+def _model_outputs(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What a batch gives a predictor: the network's outputs (logits or regression values)."""
+    return model(images)
 
 
 def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -260,46 +296,53 @@ class PreparedInferenceMixin:
     """The one inference path of the estimators: batches of images through :func:`prepared_model`.
 
     Needs ``model_``, ``preprocessing_``, ``batch_size``, ``num_workers``, ``device``, ``precision``
-    and ``verbose``. Subclasses say what a batch gives in :meth:`_network_outputs`.
+    and ``verbose``; reads ``decode`` and ``backend`` where an estimator has them (the featurizer).
+    Subclasses say what a batch gives in :meth:`_batch_outputs`.
     """
 
-    def _prepared_inference(self) -> tuple[torch.nn.Module, torch.device, torch.dtype | None]:
-        """``(prepared copy of model_, device, autocast dtype)`` for the current runtime parameters."""
+    def _batch_outputs(self) -> tuple[Callable, Hashable]:
+        """``(outputs, key)``: ``outputs(prepared model, images)`` is what one batch gives, a function
+        that holds nothing of the estimator (it may be compiled and cached beside ``model_``); ``key``
+        names what it depends on."""
+        return _model_outputs, None
+
+    def _prepared_inference(self) -> tuple[Callable, torch.device, torch.dtype | None]:
+        """``(forward, device, autocast dtype)`` for the current runtime parameters: ``forward(images)``
+        runs :meth:`_batch_outputs` on the prepared copy of ``model_``, compiled for ``backend="compile"``."""
         check_is_fitted(self, "model_")
         device, dtype = resolve_runtime(self)
-        return prepared_model(self.model_, device, dtype), device, dtype
+        outputs, key = self._batch_outputs()
+        if getattr(self, "backend", "eager") == "compile":
+            what = f"{type(self).__name__}(backend='compile')"
+            return compiled_inference(self.model_, device, dtype, outputs, key, what=what), device, dtype
+        return functools.partial(outputs, prepared_model(self.model_, device, dtype)), device, dtype
 
     def _inference_loader(self, X, device: torch.device, **kwargs):
-        return make_loader(
-            X,
-            self.preprocessing_,
-            batch_size=self.batch_size,
-            num_workers=resolve_num_workers(self.num_workers, device),
-            pin_memory=device.type == "cuda",
-            **kwargs,
-        )
+        """Batches of ``X`` preprocessed in workers, or on ``device`` for ``decode="device"`` (nvJPEG on CUDA)."""
+        workers = resolve_num_workers(self.num_workers, device)
+        loader_kwargs = dict(batch_size=self.batch_size, num_workers=workers, **kwargs)
+        if resolve_decode(getattr(self, "decode", "cpu"), device) == "device":
+            return make_device_loader(X, self.preprocessing_, device=device, **loader_kwargs)
+        return make_loader(X, self.preprocessing_, pin_memory=device.type == "cuda", **loader_kwargs)
 
     def _progress(self, total: int, desc: str):
         return tqdm(total=total, disable=not self.verbose, unit="img", desc=desc)
 
-    def _network_outputs(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """What one batch gives: here the network's outputs (logits or regression values)."""
-        return model(images)
-
-    def _forward_batch(self, model, images, device, dtype) -> torch.Tensor:
-        """One batch ``(B, 3, H, W)`` through the prepared ``model`` -> float32 rows on ``device``."""
+    def _forward_batch(self, forward, images, device, dtype) -> torch.Tensor:
+        """One batch ``(B, 3, H, W)`` through ``forward`` (see :meth:`_prepared_inference`) -> float32 rows
+        on ``device``."""
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with explain_oom(images, "predicting on"), autocast(device, dtype):
-            return self._network_outputs(model, images).float()
+            return forward(images).float()
 
     def _forward(self, X) -> torch.Tensor:
         """Network outputs for every image of ``X``, float32 on the CPU."""
-        model, device, dtype = self._prepared_inference()
+        forward, device, dtype = self._prepared_inference()
         loader = self._inference_loader(X, device)
         rows = []
         with self._progress(len(loader.dataset), "predict") as progress, torch.inference_mode():
             for images, _ in loader:
-                rows.append(self._forward_batch(model, images, device, dtype).cpu())
+                rows.append(self._forward_batch(forward, images, device, dtype).cpu())
                 progress.update(len(images))
         return torch.cat(rows)
 

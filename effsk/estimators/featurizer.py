@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import warnings
@@ -15,8 +16,9 @@ from sklearn.utils.validation import check_is_fitted
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.cache import open_feature_cache, weights_identity
-from ..data.gpu_decode import resolve_num_workers
+from ..data.gpu_decode import DECODERS, resolve_decode, resolve_num_workers
 from ..data.images import ON_ERROR, ImageLoadWarning, _items, item_digest, num_images
+from ..nn.inference import BACKENDS
 from ..utils.runtime import resolve_device
 from ._base import (
     CROP_CONSTRAINTS,
@@ -50,6 +52,12 @@ def _pool(feature_map: torch.Tensor, pooling: str) -> torch.Tensor:
         return 0.5 * (x.mean((2, 3)) + x.amax((2, 3)))
     # GeM (Radenovic et al. 2018); SiLU maps can be slightly negative, hence the clamp.
     return x.clamp(min=_GEM_EPS).pow(GEM_P).mean((2, 3)).pow(1.0 / GEM_P)
+
+
+def _pooled_features(model, images: torch.Tensor, *, layers: tuple[int, ...], pooling: str) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, n_features)``: the feature maps of ``layers``, pooled and concatenated."""
+    maps = model.forward_intermediates(images, list(layers))
+    return torch.cat([_pool(feature_map, pooling) for feature_map in maps], dim=1)
 
 
 class _Digests(Dataset):
@@ -86,6 +94,22 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
     {device}
     {featurizer_precision}
     {num_workers}
+    decode : {"auto", "cpu", "device"}, default="auto"
+        Where images are decoded and preprocessed. ``"cpu"``: in the DataLoader workers, batches
+        shipped to ``device`` from pinned memory. ``"device"``: the workers only read files; JPEGs are
+        decoded in batches on ``device`` (nvJPEG on CUDA) and every image is resized, cropped and
+        normalised there; other formats, arrays and the JPEGs the device decoder does not take are
+        decoded on the CPU (see :mod:`effsk.data.gpu_decode`). ``"auto"``: ``"device"`` on CUDA when
+        torchvision's ``decode_jpeg`` is available, else ``"cpu"``. On CUDA the two decoders differ by
+        a level or two per pixel (nvJPEG's IDCT and chroma upsampling), so feature caches keep them apart.
+    backend : {"eager", "compile"}, default="eager"
+        ``"compile"`` runs the network and pooling through ``torch.compile`` (inductor, weights frozen
+        as constants; on CUDA each batch replays as a CUDA graph, which removes the launch cost of
+        EfficientNet's many small kernels). The first ``transform`` then compiles, for tens of seconds
+        to minutes (again after a change of resolution, device, precision, layers or pooling): worth it
+        for large jobs. Where compiling fails (no C++ compiler or Triton, an unsupported platform) a
+        warning says why and the network runs eagerly. Features equal eager ones to the rounding of the
+        precision used. The compiled code lives beside the fitted model, never in the estimator's state.
     memory : str, path or joblib.Memory, optional
         Where to cache feature rows per image, keyed on image content and everything that changes
         features; reruns and cross-validation folds reuse them.
@@ -125,6 +149,8 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
         **RUNTIME_PARAMETER_CONSTRAINTS,
         "memory": [None, str, os.PathLike, HasMethods(["cache"])],
         "on_error": [StrOptions(set(ON_ERROR))],
+        "decode": [StrOptions(set(DECODERS))],
+        "backend": [StrOptions(set(BACKENDS))],
     }
 
     def __init__(
@@ -145,6 +171,8 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
         device="auto",
         precision="auto",
         num_workers="auto",
+        decode="auto",
+        backend="eager",
         memory=None,
         on_error="raise",
         verbose=0,
@@ -164,6 +192,8 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
         self.device = device
         self.precision = precision
         self.num_workers = num_workers
+        self.decode = decode
+        self.backend = backend
         self.memory = memory
         self.on_error = on_error
         self.verbose = verbose
@@ -252,7 +282,7 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
 
     def _featurize(self, X, todo, features, cache, keys) -> list:
         """Fill ``features[todo]``; return the load failures as ``(index, path, reason)``."""
-        model, device, dtype = self._prepared_inference()
+        forward, device, dtype = self._prepared_inference()
         loader = self._inference_loader(X, device, on_error=self.on_error, indices=todo, return_errors=True)
         failures = []
         with self._progress(len(todo), f"effsk {self.scaling_.label}") as progress, torch.inference_mode():
@@ -260,8 +290,8 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
                 indices = indices.numpy()
                 failed = np.isin(indices, [index for index, _, _ in errors])
                 if failed.any():
-                    images[torch.from_numpy(failed)] = 0  # NaN placeholders never enter the network
-                rows = self._forward_batch(model, images, device, dtype).cpu().numpy()
+                    images[torch.from_numpy(failed).to(images.device)] = 0  # NaN placeholders never enter the network
+                rows = self._forward_batch(forward, images, device, dtype).cpu().numpy()
                 rows[failed] = np.nan
                 features[indices] = rows
                 if cache is not None:
@@ -271,10 +301,10 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
                 progress.update(len(indices))
         return failures
 
-    def _network_outputs(self, model, images) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> ``(B, n_features)``: the chosen feature maps, pooled and concatenated."""
-        maps = model.forward_intermediates(images, self.layers_)
-        return torch.cat([_pool(feature_map, self.pooling) for feature_map in maps], dim=1)
+    def _batch_outputs(self):
+        """The chosen feature maps, pooled and concatenated (see PreparedInferenceMixin)."""
+        layers = tuple(self.layers_)
+        return functools.partial(_pooled_features, layers=layers, pooling=self.pooling), (layers, self.pooling)
 
     # ----------------------------------------------------------------------------------------------
     def _feature_cache(self, device, dtype):
@@ -293,6 +323,10 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
             "device": device.type,
             "autocast": str(dtype),
         }
+        if device.type != "cpu" and resolve_decode(self.decode, device) == "device":
+            # nvJPEG's pixels differ from libjpeg's by a level or two (more than the 1e-4 that keeps devices
+            # apart above). On the CPU both decoders are libjpeg-turbo followed by the same resize: one key.
+            config["decode"] = "device"
         return open_feature_cache(self.memory, config, self._n_features_out)
 
     def _digests(self, X) -> list:

@@ -18,7 +18,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..utils.runtime import resolve_device
 
-__all__ = ["optimize_for_inference", "fold_batchnorm", "BACKENDS"]
+__all__ = ["optimize_for_inference", "fold_batchnorm", "BACKENDS", "CompiledOrEager", "compile_options"]
 
 BACKENDS = ("eager", "compile")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -95,18 +95,82 @@ class _InputAdapter:
         return (x, *rest)
 
 
-class _CompiledStages(nn.Sequential):
-    """``features`` whose forward runs through ``torch.compile``; indexing still yields the eager stages.
+def compile_options(device, *, cudagraphs: bool = False) -> dict:
+    """inductor options for frozen inference on ``device``.
 
-    Compilation happens on the first call (and again when the spatial size changes). If it fails, for
-    example because no C++ compiler or Triton is installed, or the platform lacks dynamo, a warning says
-    why and every call from then on runs the same stages eagerly.
+    ``freezing`` turns the weights into constants, which lets inductor fold and pre-pack them (for oneDNN
+    on CPU). ``cudagraphs`` (CUDA only) replays each compiled forward as one CUDA graph, what
+    ``mode="reduce-overhead"`` does (``torch.compile`` takes a mode or options, not both): EfficientNet
+    runs hundreds of small kernels per forward (depthwise convolutions, squeeze-excite, activations),
+    whose launches the graph removes. ``"max-autotune"`` modes would instead spend minutes benchmarking
+    matmul and convolution kernels, which are not what limits EfficientNet. A graph's outputs are
+    overwritten by its next replay, so only callers that consume each output before the next call may
+    ask for it.
+
+    >>> compile_options("cpu", cudagraphs=True)
+    {'freezing': True}
+    """
+    options = {"freezing": True}
+    if cudagraphs and torch.device(device).type == "cuda":
+        options["triton.cudagraphs"] = True
+    return options
+
+
+class CompiledOrEager:
+    """``function(x)`` through ``torch.compile``, compiled on the first call; eager from the first failure on.
+
+    When compiling or running the compiled code fails (no C++ compiler or Triton, a platform without
+    dynamo, an operator the compiler refuses), ``function`` runs eagerly for that call and every later
+    one, after one :class:`RuntimeWarning` that names ``what`` and the compiler's reason. An input the
+    eager function refuses raises the eager error. The batch dimension of ``x`` is symbolic from the
+    start, so the smaller last batch of a dataset reuses the compiled code. Pickles (and deep-copies)
+    without the compiled code, which is rebuilt on the next call.
+
+    >>> double = CompiledOrEager(lambda x: 2 * x, options=compile_options("cpu"))
+    >>> double.failed, double.compiled is None
+    (False, True)
+    """
+
+    def __init__(self, function, *, options: dict | None = None, what: str = "the optimised model"):
+        self.function = function
+        self.options = dict(options or {})
+        self.what = what
+        self.compiled = None
+        self.failed = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.failed:
+            return self.function(x)
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.function, options=self.options)
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+            return self.compiled(x)
+        except Exception as exc:  # noqa: BLE001 - whatever broke the compiler, eager decides
+            out = self.function(x)  # a bad input raises its own, eager error here
+            self.failed, self.compiled = True, None
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            warnings.warn(
+                f"torch.compile failed ({type(exc).__name__}: {reason}); running {self.what} eagerly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return out
+
+    def __getstate__(self):
+        return {**self.__dict__, "compiled": None}
+
+
+class _CompiledStages(nn.Sequential):
+    """``features`` whose forward runs through ``torch.compile`` (:class:`CompiledOrEager`, no CUDA
+    graphs: callers may keep the feature maps); indexing still yields the eager stages.
+
+    Compilation happens on the first call (and again when the spatial size changes).
     """
 
     def __init__(self, stages: nn.Sequential):
         super().__init__(OrderedDict(stages.named_children()))
-        self._compiled = None
-        self._failed = False
+        self._runner = None
 
     def __getitem__(self, idx):
         # nn.Sequential slices into its own class; a slice of stages (forward_intermediates) is eager.
@@ -114,35 +178,13 @@ class _CompiledStages(nn.Sequential):
             return nn.Sequential(OrderedDict(list(self.named_children())[idx]))
         return super().__getitem__(idx)
 
-    def _compile(self):
-        # freezing: weights become constants, which lets inductor pre-pack them for oneDNN on CPU.
-        return torch.compile(super().forward, options={"freezing": True})
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._failed:
-            return super().forward(x)
-        try:
-            if self._compiled is None:
-                self._compiled = self._compile()
-            # The batch dimension is symbolic from the start, so the smaller last batch of a dataset
-            # reuses the compiled graph instead of triggering a recompilation.
-            torch._dynamo.maybe_mark_dynamic(x, 0)
-            return self._compiled(x)
-        except Exception as exc:  # noqa: BLE001 - whatever broke the compiler, eager decides
-            out = super().forward(x)  # a bad input raises its own, eager error here
-            self._failed, self._compiled = True, None
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            warnings.warn(
-                f"torch.compile failed ({type(exc).__name__}: {reason}); running the optimised model eagerly",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return out
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_compiled"] = None
-        return state
+        if self._runner is None:
+            self._runner = CompiledOrEager(self._eager, options=compile_options(x.device))
+        return self._runner(x)
 
 
 def _warn_if_bf16_is_emulated(device: torch.device, dtype) -> None:
