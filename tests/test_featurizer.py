@@ -24,7 +24,8 @@ from sklearn.utils._param_validation import InvalidParameterError
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from effsk import EfficientNetFeaturizer
+from effsk import EfficientNetClassifier, EfficientNetFeaturizer
+import effsk.utils.runtime
 import effsk.weights
 from effsk.data.images import ImageLoadError, ImageLoadWarning
 from effsk.weights import build_model
@@ -83,7 +84,9 @@ def paths(photos, tmp_path):
 
 
 def _featurizer(**params):
-    return EfficientNetFeaturizer(0, weights=None, resolution=CROP, **params)
+    # fp32 unless a test asks otherwise: precision="auto" is bf16 on CPUs with native bf16, and these
+    # tests compare features with torchvision's fp32 network
+    return EfficientNetFeaturizer(0, weights=None, resolution=CROP, **{"precision": "fp32", **params})
 
 
 @pytest.fixture(scope="module")
@@ -352,6 +355,27 @@ def test_verbose_shows_a_progress_bar(fitted, photos, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_precision_takes_native_cpu_bf16_for_features_only(fitted, photos, monkeypatch, native_bf16):
+    from effsk.estimators._base import resolve_runtime
+
+    monkeypatch.setattr(effsk.utils.runtime, "native_cpu_bf16", lambda: native_bf16)
+    auto = _with(fitted, precision="auto")
+    assert resolve_runtime(auto)[1] == (torch.bfloat16 if native_bf16 else None)
+    expected = _with(fitted, precision="bf16" if native_bf16 else "fp32").transform(photos[:2])
+    np.testing.assert_array_equal(auto.transform(photos[:2]), expected)
+    # fine-tuning trains and predicts in fp32 under "auto" on every CPU
+    assert resolve_runtime(EfficientNetClassifier("b0", weights=None, precision="auto"))[1] is None
+
+
+def test_native_cpu_bf16_needs_avx512_kernels(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert effsk.utils.runtime.native_cpu_bf16()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # ATEN_CPU_CAPABILITY=avx2
+    assert not effsk.utils.runtime.native_cpu_bf16()
+
+
 def test_unusable_device_or_precision_fails_at_fit():
     with pytest.raises(ValueError, match="CUDA is not available"):
         _featurizer(device="cuda").fit()
@@ -397,7 +421,7 @@ def test_transform_leaves_the_fitted_state_alone_and_pickles_without_copies(fitt
     before = FittedState(featurizer)
     featurizer.transform(paths[:2])
     before.assert_unchanged(featurizer)
-    featurizer.set_params(precision="auto")
+    featurizer.set_params(precision="fp32")
     restored = assert_pickle_carries_only_the_fitted_state(featurizer, pickled)
     np.testing.assert_array_equal(restored.transform(paths), expected)
 
@@ -414,7 +438,7 @@ def test_editing_the_fitted_weights_reaches_the_next_transform(fitted, photos, t
 
 def test_phi_none_takes_the_checkpoints_variant(fitted, photos, tmp_path):
     path = save_checkpoint(tmp_path / "b0.pt", fitted.model_, fitted.preprocessing_)
-    from_checkpoint = EfficientNetFeaturizer(None, weights=path).fit()
+    from_checkpoint = EfficientNetFeaturizer(None, weights=path, precision="fp32").fit()
     assert from_checkpoint.scaling_.name == "b0" and from_checkpoint.preprocessing_ == fitted.preprocessing_
     for key, value in fitted.model_.state_dict().items():
         assert torch.equal(from_checkpoint.model_.state_dict()[key], value), key
