@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 
 import torch
 
@@ -63,20 +64,20 @@ def resolve_precision(precision: str, device: torch.device, *, cpu_bf16: bool = 
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-# ATen CPU kernels (torch.backends.cpu.get_cpu_capability()) on which training in channels_last measured
-# faster than NCHW (b0, 64 px, batch 32): 1.3-1.7x on AVX-512 CPUs; on an AMD EPYC AVX-512 box made an
-# AVX2 one (ATEN_CPU_CAPABILITY=avx2, and oneDNN too with ONEDNN_MAX_CPU_ISA=AVX2) 1.2-1.4x; on one
-# AVX2 machine 0.95x (issue 16). channels_last there costs 5%; NCHW elsewhere 20-40%.
-_CHANNELS_LAST_CPU_CAPABILITIES = ("AVX2", "AVX512")
+# Training b0 at 64 px, batch 32, in channels_last against NCHW (benchmarks/finetune.py, plain loops):
+# 1.3-1.7x on AVX-512 CPUs; on an AMD EPYC AVX-512 box with ATen's kernels capped at AVX2 (and oneDNN's
+# too) 1.14-1.4x, and with ATen's unvectorised DEFAULT kernels 1.17x (oneDNN runs the convolutions
+# either way); on one AVX2 machine 0.95x (issue 16). channels_last costs 5% at worst; NCHW 15-40%.
+_CHANNELS_LAST_MACHINES = ("x86_64", "amd64", "i686", "i386")
 
 
 def prefers_channels_last(device: torch.device) -> bool:
     """Whether convolutional networks train faster on ``device`` in the channels_last memory format.
 
-    True on CUDA, and on x86 CPUs whose ATen kernels are AVX2 or AVX-512 ones; False elsewhere (MPS,
-    ARM, older x86: unmeasured, NCHW as before). Decided from measurements per kind of device rather
-    than timed at run time: a timing on a loaded machine picks at random, and the two formats round
-    differently, so the same seed would not give the same model from one process to the next.
+    True on CUDA and on x86 CPUs (whatever ATen's kernel level: oneDNN runs the convolutions); False
+    elsewhere (MPS, ARM: unmeasured, NCHW as before). Decided from measurements per kind of device
+    rather than timed at run time: a timing on a loaded machine picks at random, and the two formats
+    round differently, so the same seed would not give the same model from one process to the next.
 
     >>> prefers_channels_last(torch.device("cuda"))
     True
@@ -85,7 +86,7 @@ def prefers_channels_last(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     if device.type == "cpu":
-        return torch.backends.cpu.get_cpu_capability() in _CHANNELS_LAST_CPU_CAPABILITIES
+        return platform.machine().lower() in _CHANNELS_LAST_MACHINES
     return False
 
 
