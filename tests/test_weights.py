@@ -327,3 +327,26 @@ def test_damaged_safetensors_file_in_the_cache_is_a_clear_error(offline):
     (offline / "tf_efficientnet_b0.ns_jft_in1k.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="tf_efficientnet_b0.ns_jft_in1k.safetensors.*cannot be read as safetensors"):
         build_model("b0", "Noisy-Student")
+
+
+def test_hub_safetensors_download_is_size_checked_then_cached(offline, tmp_path, monkeypatch):
+    safetensors = pytest.importorskip("safetensors.torch")
+    from effsk.weights.sources import Download
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", REAL_DOWNLOAD)
+    tensors = {"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3, 5)}
+    whole = tmp_path / "hub" / "model.safetensors"
+    whole.parent.mkdir()
+    safetensors.save_file(tensors, whole)
+    cut = whole.with_name("cut.safetensors")
+    cut.write_bytes(whole.read_bytes()[:-100])  # a transfer that stopped early
+
+    source = Download(cut.as_uri(), filename="tf_efficientnet_b0.ns_jft_in1k.safetensors")
+    with pytest.raises(WeightsNotFoundError, match=r"has \d+ bytes but its safetensors header describes \d+: a truncated"):
+        source.fetch(progress=False)
+    assert not offline.exists() or not any(offline.iterdir())  # nothing half-written in the cache
+
+    path = Download(whole.as_uri(), filename="tf_efficientnet_b0.ns_jft_in1k.safetensors").fetch(progress=False)
+    assert os.path.dirname(path) == str(offline) and sorted(os.listdir(offline)) == [os.path.basename(path)]
+    loaded = safetensors.load_file(path)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())

