@@ -128,7 +128,6 @@ def test_published_facts_equal_torchvision_reference_and_meta_counts():
 
 
 def test_published_weights_equal_the_registry_and_its_view_of_this_machine():
-
     from effsk.jobs.info import _PUBLISHED_WEIGHTS, family_table
     from effsk.scaling import PUBLISHED
     from effsk.weights.registry import list_weights
