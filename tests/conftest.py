@@ -7,10 +7,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# The CI machine has 2 cores: one intra-op thread pool, no oversubscription. An explicit
-# OMP_NUM_THREADS wins (torch reads it), so the training tests can be rerun on one thread.
+# One intra-op thread: the tests' tensors are tiny, and with passive waiting a second thread is woken
+# for every op, which costs more than it computes (measured on 2 cores: test_nn, test_featurizer and
+# test_training take 25 s on one thread, 31 s on two). The subprocesses that tests start (torchrun,
+# the CLI) get the other core. An explicit OMP_NUM_THREADS wins (torch reads it), so the training
+# tests can be rerun on two threads.
 if "OMP_NUM_THREADS" not in os.environ:
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

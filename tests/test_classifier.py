@@ -171,7 +171,8 @@ def test_multilabel_indicator_targets():
     rng = np.random.default_rng(0)
     Y = rng.integers(0, 2, size=(128, 3))  # label k: colour channel k is tinted
     X = (rng.integers(0, 40, size=(128, 32, 32, 3)) + 150 * Y[:, None, None, :]).astype(np.uint8)
-    clf = EfficientNetClassifier(**{**SMALL, "max_epochs": 5, "batch_size": 16, "lr": 3e-3}).fit(X[:96], Y[:96])
+    # tints are as plain at 16 px: the network sees a quarter of the pixels
+    clf = EfficientNetClassifier(**{**SMALL, "resolution": 16, "max_epochs": 5, "batch_size": 16, "lr": 3e-3}).fit(X[:96], Y[:96])
     assert clf.multilabel_ and list(clf.classes_) == [0, 1, 2]
     proba = clf.predict_proba(X[96:])
     assert proba.shape == (32, 3) and ((proba >= 0) & (proba <= 1)).all()
@@ -179,7 +180,7 @@ def test_multilabel_indicator_targets():
     np.testing.assert_array_equal(pred, (proba > 0.5).astype(int))
     majority = (Y[:96].mean(axis=0) > 0.5).astype(int)  # each label's commonest training value
     baseline = (majority == Y[96:]).mean()
-    assert (pred == Y[96:]).mean() > max(baseline, 0.5) + 0.25  # 0.82; measured 0.94-1.0 against a baseline of 0.57
+    assert (pred == Y[96:]).mean() > max(baseline, 0.5) + 0.25  # 0.82; measured 0.95-1.0 (3 seeds, default/1 thread, avx2/2 threads) against a baseline of 0.57
     with pytest.raises(ValueError, match="class_weight"):
         clone(clf).set_params(class_weight="balanced").fit(X[:8], Y[:8])
 

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -8,6 +9,30 @@ import pytest
 from effsk.cli import main
 
 REF_PARAMS = {"b0": 5_288_548, "b3": 12_233_232, "lite0": 4_652_008}
+
+# --phi 2.5 is unpublished and must count with torch: the control that the check can see an import.
+NO_TORCH_CHECK = (
+    "import sys\n"
+    "from effsk.cli import main\n"
+    "assert main(['info']) == main(['info', '--phi', 'b3', '0', 'lite2', '--format', 'json']) == 0\n"
+    "assert main(['info', '--format', 'csv']) == 0\n"
+    "heavy = [m for m in ('torch', 'torchvision', 'pandas') if m in sys.modules]\n"
+    "assert not heavy, heavy\n"
+    "assert main(['info', '--phi', '2.5']) == 0 and 'torch' in sys.modules\n"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_interpreter(tmp_path_factory):
+    """A fresh interpreter (this one has imported torch), started when this module starts so that it
+    runs on the second core while the tests below run here."""
+    env = {**os.environ, "TORCH_HOME": str(tmp_path_factory.getbasetemp() / "torch_home")}  # as conftest's
+    proc = subprocess.Popen([sys.executable, "-c", NO_TORCH_CHECK], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
 
 
 def test_info_default_table_lists_whole_family(capsys):
@@ -103,8 +128,6 @@ def test_published_facts_equal_torchvision_reference_and_meta_counts():
 
 
 def test_published_weights_equal_the_registry_and_its_view_of_this_machine():
-    import os
-
     from effsk.jobs.info import _PUBLISHED_WEIGHTS, family_table
     from effsk.scaling import PUBLISHED
     from effsk.weights.registry import list_weights
@@ -134,17 +157,7 @@ def test_weights_are_looked_up_in_torchs_hub_dir(env, monkeypatch):
     assert torch_hub_dir() == torch.hub.get_dir()
 
 
-def test_info_for_published_names_imports_no_torch():
-    # --phi 2.5 is unpublished and must count with torch: the control that the check can see an import.
-    code = (
-        "import sys\n"
-        "from effsk.cli import main\n"
-        "assert main(['info']) == main(['info', '--phi', 'b3', '0', 'lite2', '--format', 'json']) == 0\n"
-        "assert main(['info', '--format', 'csv']) == 0\n"
-        "heavy = [m for m in ('torch', 'torchvision', 'pandas') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-        "assert main(['info', '--phi', '2.5']) == 0 and 'torch' in sys.modules\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("lite2") == 3 and "phi=2.5" in result.stdout
+def test_info_for_published_names_imports_no_torch(fresh_interpreter):  # last: it ran beside the tests above
+    stdout, stderr = fresh_interpreter.communicate(timeout=300)
+    assert fresh_interpreter.returncode == 0, stderr
+    assert stdout.count("lite2") == 3 and "phi=2.5" in stdout

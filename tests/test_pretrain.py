@@ -3,6 +3,7 @@ after SIGKILL, and data-parallel training under torchrun (2 CPU processes, gloo)
 
 import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -387,45 +388,53 @@ def torchrun(args, nproc=2):
                             stderr=subprocess.PIPE, text=True)
 
 
-RANK_CHECKS = """
-import torch, torch.distributed as dist
-from torch import nn
-from effsk.training import distributed
+def rank_checks(rank: int, world: int, port: int, marker_dir: str) -> None:
+    """One rank of the reduction checks, in a process joined to the others as torchrun joins them."""
+    from effsk.training import distributed
 
-env = distributed.setup("cpu")
-rank = env.rank
-rows = distributed.all_gather_cat(torch.full((rank + 1, 2), float(rank)))  # ranks hold 1 and 2 rows
-assert rows.tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]], rows
-bn = nn.BatchNorm1d(3)
-bn.running_mean.fill_(2.0 * rank)
-bn.running_var.fill_(1.0 + rank)
-distributed.average_buffers(bn)
-assert bn.running_mean.tolist() == [1.0] * 3 and bn.running_var.tolist() == [1.5] * 3
-assert bn.num_batches_tracked.item() == 0  # integer buffers are left alone
-torch.manual_seed(0)
-model = nn.Linear(4, 2)
-distributed.check_same_across_ranks(model)  # identical: passes
-with torch.no_grad():
-    model.bias[0] += 1e-7 * rank
-try:
-    distributed.check_same_across_ranks(model)
-except RuntimeError as exc:
-    assert "differs between ranks" in str(exc), exc
-else:
-    raise AssertionError("a one-ulp difference between ranks went unnoticed")
-import os
-open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"rank{rank}.ok"), "w").close()
-distributed.teardown()
-"""
+    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = distributed.setup("cpu")
+    assert env.rank == rank and env.is_distributed
+    rows = distributed.all_gather_cat(torch.full((rank + 1, 2), float(rank)))  # ranks hold 1 and 2 rows
+    assert rows.tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]], rows
+    bn = nn.BatchNorm1d(3)
+    bn.running_mean.fill_(2.0 * rank)
+    bn.running_var.fill_(1.0 + rank)
+    distributed.average_buffers(bn)
+    assert bn.running_mean.tolist() == [1.0] * 3 and bn.running_var.tolist() == [1.5] * 3
+    assert bn.num_batches_tracked.item() == 0  # integer buffers are left alone
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    distributed.check_same_across_ranks(model)  # identical: passes
+    with torch.no_grad():
+        model.bias[0] += 1e-7 * rank
+    try:
+        distributed.check_same_across_ranks(model)
+    except RuntimeError as exc:
+        assert "differs between ranks" in str(exc), exc
+    else:
+        raise AssertionError("a one-ulp difference between ranks went unnoticed")
+    open(os.path.join(marker_dir, f"rank{rank}.ok"), "w").close()
+    distributed.teardown()
 
 
 def test_rank_reductions_under_gloo(tmp_path):
-    script = tmp_path / "rank_checks.py"
-    script.write_text(RANK_CHECKS)
-    run = torchrun([str(script)])
-    out, err = run.communicate(timeout=300)
-    assert run.returncode == 0, out + err
-    # one marker file per rank: stdout of two processes may interleave mid-line
+    # Two processes forked from this one (torch already imported: no interpreter start-ups), joined
+    # through torchrun's environment variables; torchrun itself launches the DDP run below.
+    context = multiprocessing.get_context("fork")
+    port = free_port()
+    ranks = [context.Process(target=rank_checks, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=120)
+    for process in ranks:
+        if process.is_alive():
+            process.kill()
+    assert [process.exitcode for process in ranks] == [0, 0]  # a failed check: the traceback is on stderr
+    # one marker file per rank: each rank ran every check
     assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]
 
 

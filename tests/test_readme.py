@@ -1,6 +1,10 @@
 """Every code block of README.md runs: python blocks in one namespace, shell lines as commands, all in
 document order in one scratch directory. The set-up block is what CI (.ci/run) executes.
 
+An ``effsk ...`` line runs through ``effsk.cli.main`` in this process (the same argument parsing and
+jobs, without a torch import per line); the ``torchrun`` line starts its processes, and with them
+``python -m effsk``, as a user's shell does.
+
 Each python block and each shell line is its own test, so that no single test runs for long and a
 failure names its section. Running one of them alone (``-k``) first runs the blocks before it. What
 a block prints or writes is checked against references computed here (chance, torchvision's own
@@ -53,13 +57,24 @@ def _steps() -> list[tuple[str, str, str]]:
 STEPS = _steps()
 
 
-def _command(line: str) -> list[str]:
+def _words(line: str) -> list[str]:
     words = shlex.split(line.split("  #")[0])
-    if words[0] == "effsk":
-        return [sys.executable, "-m", "effsk", *words[1:]]
-    if words[0] == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", *words[1:]]
-    raise AssertionError(f"README shell line not runnable in tests: {line!r}")
+    if words[0] not in ("effsk", "torchrun"):
+        raise AssertionError(f"README shell line not runnable in tests: {line!r}")
+    return words
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """What ``OMP_NUM_THREADS=1`` gives a command run in its own process."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class ReadmeRun:
@@ -90,8 +105,18 @@ class ReadmeRun:
                 exec(compile(code, f"README.md ({sid})", "exec"), self.namespace)
             return out.getvalue()
         if lang == "bash":
-            run = subprocess.run(_command(code), cwd=self.directory, env=self.env, capture_output=True, text=True,
-                                 timeout=300)
+            words = _words(code)
+            if words[0] == "effsk":
+                from effsk.cli import main
+
+                out, err = io.StringIO(), io.StringIO()
+                with _inside(self.directory), _one_thread(), contextlib.redirect_stdout(out), \
+                        contextlib.redirect_stderr(err):
+                    returncode = main(words[1:])
+                assert returncode == 0, f"{code}\n{out.getvalue()}\n{err.getvalue()}"
+                return out.getvalue()
+            run = subprocess.run([sys.executable, "-m", "torch.distributed.run", *words[1:]], cwd=self.directory,
+                                 env=self.env, capture_output=True, text=True, timeout=300)
             assert run.returncode == 0, f"{code}\n{run.stdout}\n{run.stderr}"
             return run.stdout
         pytest.fail(f"README block in unknown language {lang!r}")

@@ -26,7 +26,8 @@ def data():
 def test_several_targets_on_different_scales_are_learned(data):
     X, Y, Xt, Yt = data
     reg = EfficientNetRegressor(
-        weights=None, resolution=32, max_epochs=8, batch_size=16, lr=3e-3, drop_rate=0.0, drop_path_rate=0.0,
+        # flat colours carry the same targets at 16 px as at 32; the smaller input trains in about half the time
+        weights=None, resolution=16, max_epochs=8, batch_size=16, lr=3e-3, drop_rate=0.0, drop_path_rate=0.0,
         early_stopping=False, random_state=0,
     ).fit(X, Y)
     np.testing.assert_allclose(reg.target_mean_, Y.mean(axis=0))
@@ -35,9 +36,9 @@ def test_several_targets_on_different_scales_are_learned(data):
     assert pred.shape == (40, 3)
     per_target = r2_score(Yt, pred, multioutput="raw_values")
     training_mean = r2_score(Yt, np.tile(Y.mean(axis=0), (len(Yt), 1)), multioutput="raw_values")  # about 0
-    assert (per_target > training_mean + 0.5).all(), per_target  # measured 0.74-0.94 (3 seeds x 3 kernels x 1-2 threads)
+    assert (per_target > training_mean + 0.5).all(), per_target  # measured 0.73-0.91 (3 seeds x 2 kernels x 1-2 threads)
     assert reg.score(Xt, Yt) == pytest.approx(r2_score(Yt, pred))
-    assert reg.history_[-1]["train_loss"] < 0.5  # standardised MSE: predicting the mean scores 1; measured 0.13-0.23
+    assert reg.history_[-1]["train_loss"] < 0.5  # standardised MSE: predicting the mean scores 1; measured 0.19-0.28
 
 
 def test_single_target_shape_persistence_and_warm_start(data):
