@@ -38,7 +38,7 @@ def data():
 def fitted(data):
     X, y, _, _ = data
     clf = EfficientNetClassifier(
-        "b0", weights=None, resolution=32, max_epochs=3, batch_size=16, lr=3e-3, validation_fraction=0.2, random_state=0
+        "b0", weights=None, resolution=16, max_epochs=3, batch_size=16, lr=3e-3, validation_fraction=0.2, random_state=0
     )
     return clf.fit(X, y)
 
@@ -57,7 +57,7 @@ def small_fit(small_data):
 def test_learns_well_above_chance_with_string_labels(fitted, data):
     _, _, Xt, yt = data
     chance = np.unique(yt, return_counts=True)[1].max() / len(yt)  # always predicting the commonest class
-    assert fitted.score(Xt, yt) > chance + 0.3  # 0.63; measured 0.78 (default kernels, 1 thread) to 1.0
+    assert fitted.score(Xt, yt) > chance + 0.3  # 0.63; at 16 px measured 0.89 to 1.0 (DEFAULT/AVX2/AVX-512 kernels, 1-2 threads)
     assert set(fitted.classes_) == set(NAMES) and fitted.predict(Xt[:5]).dtype == fitted.classes_.dtype
     proba = fitted.predict_proba(Xt)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-12)
