@@ -361,7 +361,7 @@ def parse_args(argv=None):
     p.add_argument("--backbone-lr", type=float, default=1e-4, help="plain fine-tune: backbone lr")
     p.add_argument("--head-lr", type=float, default=1e-3, help="plain fine-tune: head lr")
     p.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (effsk's precision='auto' is bf16 on GPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (effsk's precision='auto': bf16 training, fp16 inference on GPU)")
     p.add_argument("--precision", default="auto", help="effsk rows' precision (auto, fp32, bf16, fp16)")
     p.add_argument("--out", help="write transfer.csv, transfer_history.csv and transfer.md here")
     p.add_argument("--quick", action="store_true", help="smoke run: 150/100 images, 32 px, 2 epochs")

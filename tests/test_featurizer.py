@@ -368,6 +368,18 @@ def test_auto_precision_takes_native_cpu_bf16_for_features_only(fitted, photos, 
     assert resolve_runtime(EfficientNetClassifier("b0", weights=None, precision="auto"))[1] is None
 
 
+@pytest.mark.parametrize("bf16_supported", [True, False])
+def test_auto_precision_on_gpus_trains_in_bf16_and_predicts_in_fp16(monkeypatch, bf16_supported):
+    from effsk.utils.runtime import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
+    cuda = torch.device("cuda")  # resolving a dtype needs no GPU
+    assert resolve_precision("auto", cuda) == (torch.bfloat16 if bf16_supported else torch.float16)
+    assert resolve_precision("auto", cuda, inference=True) == torch.float16
+    assert resolve_precision("bf16", cuda, inference=True) == torch.bfloat16  # asked for: kept
+    assert resolve_precision("auto", torch.device("cpu"), inference=True) is None
+
+
 def test_native_cpu_bf16_needs_avx512_kernels(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")

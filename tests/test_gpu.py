@@ -248,7 +248,8 @@ def test_cuda_is_usable_and_the_background_runs_started(background):
     x = torch.randn(64, 64, device="cuda")
     torch.testing.assert_close((x @ x).cpu(), x.cpu() @ x.cpu(), rtol=1e-2, atol=1e-2)
     MEASURED["device"] = torch.cuda.get_device_name(0)
-    MEASURED["auto_precision"] = str(resolve_precision("auto", torch.device("cuda")))
+    MEASURED["auto_precision"] = {"training": str(resolve_precision("auto", torch.device("cuda"))),
+                                  "inference": str(resolve_precision("auto", torch.device("cuda"), inference=True))}
 
 
 # -- featurizer: parity and precision --------------------------------------------------------------
@@ -286,7 +287,7 @@ PRECISION_BOUNDS = {
 @pytest.mark.parametrize("precision", ["auto", "fp16"])
 def test_reduced_precision_agrees_with_fp32_on_real_photos(precision):
     lite0_or_skip()
-    dtype = resolve_precision(precision, torch.device("cuda"))
+    dtype = resolve_precision(precision, torch.device("cuda"), inference=True)  # the featurizer predicts
     bounds = PRECISION_BOUNDS[dtype]
     crops = photo_crops(512, seed=4)
     featurizer = EfficientNetFeaturizer("lite0", weights="imagenet", device="cuda", precision="fp32", batch_size=128)

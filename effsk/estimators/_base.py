@@ -118,12 +118,13 @@ device : str or torch.device, default="auto"
     fitted on a GPU machine also works on a CPU-only one.""",
     "precision": """\
 precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
-    Autocast dtype: ``"auto"`` is bf16 (or fp16) on GPUs and fp32 on CPU.""",
+    Autocast dtype: ``"auto"`` is fp32 on CPU; on GPUs bf16 for training (fp16 where bf16 is
+    missing) and fp16 for predictions (closer to fp32 than bf16).""",
     "featurizer_precision": """\
 precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
-    Autocast dtype: ``"auto"`` is bf16 (or fp16) on GPUs, bf16 on CPUs with native bf16
-    (AVX512-BF16 or AMX; about 1.3x faster, features within about 1% of fp32, transfer accuracy
-    unchanged: benchmarks/README.md) and fp32 on other CPUs. ``"fp32"`` gives the same features on
+    Autocast dtype: ``"auto"`` is fp16 on GPUs, bf16 on CPUs with native bf16 (AVX512-BF16 or
+    AMX; 1.3-1.8x faster; features move by a median 0.5% (b0) to 4% (Lite0) relative to fp32,
+    transfer accuracy unchanged: benchmarks/README.md) and fp32 on other CPUs. ``"fp32"`` gives the same features on
     every machine.""",
     "num_workers": """\
 num_workers : int or "auto", default="auto"
@@ -199,10 +200,11 @@ def input_preprocessing(estimator, preprocessing: Preprocessing) -> Preprocessin
 
 
 def resolve_runtime(estimator) -> tuple[torch.device, torch.dtype | None]:
-    """The estimator's ``device`` and its autocast dtype (``None`` = fp32) from ``precision``; an
-    estimator whose inference gains from bf16 on CPU says so with ``_cpu_bf16 = True``."""
+    """The estimator's ``device`` and its inference autocast dtype (``None`` = fp32) from
+    ``precision``; an estimator whose inference gains from bf16 on CPU says so with ``_cpu_bf16 = True``."""
     device = resolve_device(estimator.device)
-    return device, resolve_precision(estimator.precision, device, cpu_bf16=getattr(estimator, "_cpu_bf16", False))
+    cpu_bf16 = getattr(estimator, "_cpu_bf16", False)
+    return device, resolve_precision(estimator.precision, device, inference=True, cpu_bf16=cpu_bf16)
 
 
 # -- values derived from a fitted model, cached outside the estimator ------------------------------
