@@ -173,6 +173,8 @@ def test_cache_keeps_decoders_apart_only_where_their_pixels_differ(fitted, mixed
     assert on_cuda["cpu"] not in on_cpu.values()
     rows = cached["cpu"].transform(mixed[:3])
     np.testing.assert_array_equal(cached["device"].transform(mixed[:3]), rows)  # read back from the cache
+    compiled = featurizer_like(fitted, backend="compile", memory=tmp_path)._feature_cache(cpu, None).directory
+    assert compiled not in on_cpu.values()  # compiled kernels round differently: their rows are their own
 
 
 # -- backend="compile" -----------------------------------------------------------------------------

@@ -350,3 +350,10 @@ def test_hub_safetensors_download_is_size_checked_then_cached(offline, tmp_path,
     assert os.path.dirname(path) == str(offline) and sorted(os.listdir(offline)) == [os.path.basename(path)]
     loaded = safetensors.load_file(path)
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+    from effsk.weights.sources import check_safetensors_size
+
+    odd = tmp_path / "odd.safetensors"
+    odd.write_bytes((2).to_bytes(8, "little") + b"[]")  # JSON, but not a safetensors header
+    with pytest.raises(ValueError, match="odd.safetensors is not a readable safetensors file .*JSON list"):
+        check_safetensors_size(str(odd))

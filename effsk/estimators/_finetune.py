@@ -311,7 +311,7 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
         """The :class:`TrainConfig` settings that shape what a phase does to the weights: optimiser,
         learning rates per parameter group, warm-up and schedule, freezing and BatchNorm handling.
 
-        The head phase has no warm-up: a zero-initialised head on frozen features has nothing to
+        The head phase (and any phase with ``freeze="backbone"``) has no warm-up: a zero-initialised head on frozen features has nothing to
         protect from early large steps, and a warm-up inside one short epoch only starves it. When
         pretrained layers join, they train at ``BACKBONE_LR_SCALE * lr`` and every rate warms up
         over ``min(1, epochs / 2)`` epochs, so the head's first gradients (from a head trained for
@@ -328,7 +328,7 @@ class FineTuneEstimator(PreparedInferenceMixin, BaseEstimator):
             freeze=freeze,
             precise_bn_batches=PRECISE_BN_BATCHES,
         )
-        if phase == "head":
+        if phase == "head" or freeze == "backbone":  # only the head trains: nothing pretrained to protect
             settings["warmup_epochs"] = 0.0
         elif pretrained:
             settings.update(backbone_lr_scale=BACKBONE_LR_SCALE, warmup_epochs=min(1.0, epochs / 2))

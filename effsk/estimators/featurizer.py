@@ -109,7 +109,9 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
         to minutes (again after a change of resolution, device, precision, layers or pooling): worth it
         for large jobs. Where compiling fails (no C++ compiler or Triton, an unsupported platform) a
         warning says why and the network runs eagerly. Features equal eager ones to the rounding of the
-        precision used. The compiled code lives beside the fitted model, never in the estimator's state.
+        precision used (rows cached with ``memory`` are kept apart by backend). The compiled code lives beside
+        the fitted model, never in the estimator's state; one compiled featurizer must not run
+        ``transform`` from two threads at once (a CUDA graph's output lives until its next replay).
     memory : str, path or joblib.Memory, optional
         Where to cache feature rows per image, keyed on image content and everything that changes
         features; reruns and cross-validation folds reuse them.
@@ -323,6 +325,8 @@ class EfficientNetFeaturizer(PreparedInferenceMixin, TransformerMixin, BaseEstim
             "device": device.type,
             "autocast": str(dtype),
         }
+        if self.backend != "eager":  # compiled kernels round differently: at bf16/fp16 about 1e-2 relative
+            config["backend"] = self.backend
         if device.type != "cpu" and resolve_decode(self.decode, device) == "device":
             # nvJPEG's pixels differ from libjpeg's by a level or two (more than the 1e-4 that keeps devices
             # apart above). On the CPU both decoders are libjpeg-turbo followed by the same resize: one key.

@@ -97,7 +97,7 @@ class TrainConfig:
         As :func:`effsk.utils.runtime.resolve_device` / :func:`~effsk.utils.runtime.resolve_precision`.
     channels_last : bool or None
         ``None``: the channels_last memory format where it trains faster
-        (:func:`effsk.utils.runtime.prefers_channels_last`: CUDA, AVX2 and AVX-512 CPUs).
+        (:func:`effsk.utils.runtime.prefers_channels_last`: CUDA and x86 CPUs).
     seed : int or None
         Reseeds the train loader's generator every epoch (``seed + epoch``) so shuffling, and worker
         augmentation seeds, depend only on the epoch: a resumed run sees the same batches.

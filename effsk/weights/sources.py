@@ -56,6 +56,8 @@ def check_safetensors_size(path: str, name: str | None = None) -> None:
             if header_length > size - 8:
                 raise ValueError("its header length points past the end of the file")
             header = json.loads(f.read(header_length))
+        if not isinstance(header, dict):
+            raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
         data = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"{name} is not a readable safetensors file ({size} bytes): {exc}") from exc
@@ -123,9 +125,13 @@ class Download:
                 check_safetensors_size(partial, os.path.basename(path))
             os.replace(partial, path)
         except Exception as exc:  # offline, proxy, disk full, hash or size mismatch: all leave no file behind
-            if os.path.exists(partial):
-                os.remove(partial)
             raise WeightsNotFoundError(self._offline_message(label, exc)) from exc
+        finally:  # also on KeyboardInterrupt
+            if os.path.exists(partial):
+                try:
+                    os.remove(partial)
+                except OSError:
+                    pass  # the error above (or the interrupt) is the one to see
         return path
 
     def _offline_message(self, label: str, exc: Exception) -> str:
