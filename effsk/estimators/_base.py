@@ -123,9 +123,9 @@ precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
     "featurizer_precision": """\
 precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
     Autocast dtype: ``"auto"`` is fp16 on GPUs, bf16 on CPUs with native bf16 (AVX512-BF16 or
-    AMX; 1.3x (b0, 64 px) to 2x (Lite0, 128 px) faster; features move by a median 0.5% (b0) to 4% (Lite0) relative to fp32,
-    transfer accuracy unchanged: benchmarks/README.md) and fp32 on other CPUs. ``"fp32"`` gives the same features on
-    every machine.""",
+    AMX; 1.3x (b0, 64 px) to 2x (Lite0, 128 px) faster; features move by a median 0.5% (b0) to
+    4% (Lite0) relative to fp32, transfer accuracy unchanged: benchmarks/README.md) and fp32 on
+    other CPUs. ``"fp32"`` gives the same features on every machine.""",
     "num_workers": """\
 num_workers : int or "auto", default="auto"
     DataLoader workers that read and decode images. ``"auto"`` suits them to the machine (none on
